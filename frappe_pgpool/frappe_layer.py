@@ -1,0 +1,102 @@
+"""The thin Frappe side: which site, which settings, and the two wrappers.
+
+Every decision that is not about Frappe lives in `frappe_pgpool.pool`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
+from .pool.connection import set_keepalive
+
+log = logging.getLogger("frappe_pgpool")
+
+# site -> (fingerprint of its db_pool_* values, parsed config or None when pooling is off)
+_config_cache: dict[str, tuple[tuple, PoolConfig | None]] = {}
+_config_lock = threading.Lock()
+# id(conn) -> finalizer on the Database that checked it out, detached when it comes back
+_finalizers: dict[int, weakref.finalize] = {}
+
+
+def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
+	"""The pool settings of a site, or None when the site must behave as plain Frappe.
+
+	Off unless `db_pool_enabled` is set (install-app sets it). A bad value is logged once per
+	distinct value, naming the key, and the site is served unpooled rather than failing.
+	"""
+	keys = PoolConfig.keys()
+	fingerprint = tuple(repr(conf.get(key)) for key in keys)
+	cached = _config_cache.get(site)
+	if cached is not None and cached[0] == fingerprint:
+		return cached[1]
+	config: PoolConfig | None
+	try:
+		parsed = parse_config({key: conf.get(key) for key in keys if conf.get(key) is not None})
+		config = parsed if parsed.enabled else None
+	except ConfigError as e:
+		log.error("%s; site %s is served without the pool until it is fixed", e, site)
+		config = None
+	with _config_lock:
+		_config_cache[site] = (fingerprint, config)
+	return config
+
+
+def pool_key(site: str, db: Any) -> PoolKey:
+	"""The identity a PostgresDatabase connects with, exactly as its get_connection uses it."""
+	host = db.host or db.socket
+	port = None if db.socket else db.port
+	return PoolKey.make(site, host, port, db.cur_db_name, db.user, db.password)
+
+
+def get_connection(wrapped, instance, args, kwargs):
+	"""Wrapper of PostgresDatabase.get_connection: a pooled connection when the site pools."""
+	import frappe
+
+	site = getattr(frappe.local, "site", None)
+	config = site_pool_config(site, frappe.local.conf) if site else None
+	if config is None:
+		if site and any(key.site == site for key in registry.pools()):
+			registry.close_site(site)  # pooling was switched off: drop what this process holds
+		return wrapped(*args, **kwargs)
+
+	def connect():
+		# libpq reads PGCONNECT_TIMEOUT when the DSN has no connect_timeout; Frappe's has none.
+		os.environ.setdefault("PGCONNECT_TIMEOUT", str(config.connect_timeout))
+		conn = wrapped(*args, **kwargs)
+		set_keepalive(conn)
+		return conn
+
+	conn = registry.getconn(pool_key(site, instance), config, connect)
+	# A Database dropped without close() (frappe.connect over an open one, a lost local)
+	# must not keep its slot: discard the connection when the object goes away.
+	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
+	return conn
+
+
+def close(wrapped, instance, args, kwargs):
+	"""Wrapper of Database.close: give a pooled connection back instead of closing it."""
+	conn = instance.__dict__.get("_conn")
+	if conn is None or not registry.owns(conn):
+		return wrapped(*args, **kwargs)
+	instance._cursor = None
+	instance._conn = None
+	_detach_finalizer(conn)
+	registry.putconn(conn)
+	return None
+
+
+def _detach_finalizer(conn) -> None:
+	finalizer = _finalizers.pop(id(conn), None)
+	if finalizer is not None:
+		finalizer.detach()
+
+
+def _abandoned(conn) -> None:
+	_finalizers.pop(id(conn), None)
+	if registry.owns(conn):
+		registry.putconn(conn, discard=True)

@@ -1,0 +1,127 @@
+"""Pool settings: defaults, validation and parsing from a site config mapping.
+
+No Frappe import here: the Frappe layer passes `frappe.conf` (a dict-like) in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+# One round trip that clears every kind of session state a request can leave behind:
+# GUCs (SET, set_config), SET ROLE / SESSION AUTHORIZATION, WITH HOLD cursors, prepared
+# statements, LISTEN, session advisory locks, cached plans, sequence state, temp tables.
+# It is DISCARD ALL spelt out, because DISCARD ALL cannot share a query string with other
+# statements, and RESET ALL leaves the role alone (role is GUC_NO_RESET_ALL).
+DEFAULT_RESET_QUERY = (
+	"CLOSE ALL; RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
+	"SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
+)
+
+KEY_PREFIX = "db_pool_"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+	"""Settings of one pool; site_config keys are `db_pool_<field>`."""
+
+	enabled: bool = False  # install-app sets db_pool_enabled=1 for its site
+	# Upper bound per worker process and site; connections are opened lazily, so a sync worker
+	# holds one. Keep size x processes x sites under pgBouncer's default_pool_size.
+	size: int = 8
+	# Seconds a checkout waits for a free connection before PoolTimeout.
+	timeout: float = 10.0
+	# Seconds a connection lives at most (minus up to 10% jitter), so pgBouncer/Postgres restarts
+	# that wait for clients can drain. 0 disables.
+	max_lifetime: float = 3600.0
+	# Seconds a connection may sit idle in the pool; keep below pgBouncer's client_idle_timeout. 0 disables.
+	max_idle: float = 300.0
+	# SQL sent (autocommit, one round trip) when a connection comes back. "" sends nothing after the rollback.
+	reset_query: str = DEFAULT_RESET_QUERY
+	# Seconds a checkout may be held before a warning with the stack that took it. 0 disables.
+	leak_warning: float = 0.0
+	# libpq connect_timeout (seconds) for new connections, so an unreachable pgBouncer fails fast.
+	connect_timeout: int = 5
+
+	@classmethod
+	def keys(cls) -> list[str]:
+		return [KEY_PREFIX + f.name for f in fields(cls)]
+
+
+def _as_bool(key: str, value: object) -> bool:
+	if isinstance(value, bool):
+		return value
+	if isinstance(value, int) and value in (0, 1):
+		return bool(value)
+	if isinstance(value, str) and value.strip().lower() in (
+		"0",
+		"1",
+		"true",
+		"false",
+		"yes",
+		"no",
+		"on",
+		"off",
+	):
+		return value.strip().lower() in ("1", "true", "yes", "on")
+	raise ConfigError(key, value, "0 or 1 (or true/false)")
+
+
+def _as_number(key: str, value: object, *, integer: bool, minimum: float, maximum: float) -> float:
+	# bool is an int subclass; `db_pool_size: true` is a mistake, not 1.
+	if isinstance(value, bool) or not isinstance(value, int | float | str):
+		raise ConfigError(key, value, _range_text(integer, minimum, maximum))
+	try:
+		number = int(value) if integer else float(value)
+	except (TypeError, ValueError):
+		raise ConfigError(key, value, _range_text(integer, minimum, maximum)) from None
+	if integer and isinstance(value, float) and not value.is_integer():
+		raise ConfigError(key, value, _range_text(integer, minimum, maximum))
+	if not math.isfinite(number) or not minimum <= number <= maximum:
+		raise ConfigError(key, value, _range_text(integer, minimum, maximum))
+	return number
+
+
+def _range_text(integer: bool, minimum: float, maximum: float) -> str:
+	kind = "a whole number" if integer else "a number of seconds"
+	return f"{kind} from {minimum:g} to {maximum:g}"
+
+
+# (integer, minimum, maximum) per numeric field; maxima catch typos such as milliseconds for seconds.
+_NUMERIC: dict[str, tuple[bool, float, float]] = {
+	"size": (True, 1, 1000),
+	"timeout": (False, 0.001, 3600),
+	"max_lifetime": (False, 0, 7 * 86400),
+	"max_idle": (False, 0, 86400),
+	"leak_warning": (False, 0, 86400),
+	"connect_timeout": (True, 1, 600),
+}
+
+
+def parse_config(conf: Mapping[str, object]) -> PoolConfig:
+	"""Build a PoolConfig from `db_pool_*` keys; raise ConfigError naming the first bad key.
+
+	Unknown `db_pool_*` keys are errors too: a misspelt key silently ignored is a setting
+	the operator believes in and does not have.
+	"""
+	known = set(PoolConfig.keys())
+	for key in conf:
+		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key not in known:
+			raise ConfigError(key, conf[key], "one of " + ", ".join(sorted(known)))
+	values: dict[str, object] = {}
+	for name, (integer, minimum, maximum) in _NUMERIC.items():
+		key = KEY_PREFIX + name
+		if conf.get(key) is not None:
+			number = _as_number(key, conf[key], integer=integer, minimum=minimum, maximum=maximum)
+			values[name] = int(number) if integer else number
+	if conf.get(KEY_PREFIX + "enabled") is not None:
+		values["enabled"] = _as_bool(KEY_PREFIX + "enabled", conf[KEY_PREFIX + "enabled"])
+	reset = conf.get(KEY_PREFIX + "reset_query")
+	if reset is not None:
+		if not isinstance(reset, str):
+			raise ConfigError(KEY_PREFIX + "reset_query", reset, 'an SQL string ("" for rollback only)')
+		values["reset_query"] = reset
+	return PoolConfig(**values)

@@ -1,0 +1,140 @@
+"""What the pool does to one psycopg2 connection: check it without a round trip, reset it, retire it.
+
+No Frappe import.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions as ext
+
+_POLL_DEAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def is_usable(conn: ext.connection) -> bool:
+	"""True when an idle connection can be handed out, decided without a round trip.
+
+	`closed` and the transaction status stay "open/idle" after the server went away, but
+	the socket of an idle connection becomes readable when the server sends FATAL and/or
+	closes it (pg_terminate_backend, pgBouncer KILL or restart, Postgres restart). An idle
+	connection can also be readable for a LISTEN notification or a NOTICE/ParameterStatus;
+	libpq consumes those, so we let it read and only then judge.
+	"""
+	if conn.closed or conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+		return False
+	poller = select.poll()
+	poller.register(conn.fileno(), select.POLLIN)
+	events = poller.poll(0)
+	if not events:
+		return True
+	if events[0][1] & _POLL_DEAD:
+		return False
+	notices_before = len(conn.notices)
+	try:
+		conn.poll()  # PQconsumeInput: raises on EOF; stores notifications and notices
+	except psycopg2.Error:
+		return False
+	if conn.closed:
+		return False
+	# An ERROR/FATAL sent while idle is turned into a notice by libpq; it precedes a close.
+	return not any(n.startswith(("FATAL", "ERROR", "PANIC")) for n in conn.notices[notices_before:])
+
+
+@dataclass(frozen=True)
+class SessionDefaults:
+	"""psycopg2's client-side session characteristics as the factory left them."""
+
+	autocommit: bool
+	isolation_level: int | None
+	readonly: bool | None
+	deferrable: bool | None
+
+	@classmethod
+	def capture(cls, conn: ext.connection) -> SessionDefaults:
+		return cls(conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+
+	def restore(self, conn: ext.connection) -> None:
+		"""Undo a request's set_session/autocommit changes; client-side only, no round trip."""
+		if SessionDefaults.capture(conn) != self:
+			conn.set_session(
+				isolation_level=self.isolation_level,
+				readonly=self.readonly,
+				deferrable=self.deferrable,
+				autocommit=self.autocommit,
+			)
+
+
+def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> None:
+	"""Bring a returned connection back to the state the factory made. Raises on any failure.
+
+	Rollback first if a transaction is open (psycopg2 must see it too, or the next request's
+	first statement would run without psycopg2's BEGIN), then the reset query in autocommit
+	so psycopg2 does not wrap it in a transaction of its own.
+	"""
+	if conn.status != ext.STATUS_READY or conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+		conn.rollback()
+	if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
+	if reset_query:
+		conn.autocommit = True
+		with conn.cursor() as cur:
+			cur.execute(reset_query)
+	defaults.restore(conn)
+	del conn.notices[:]
+	del conn.notifies[:]
+
+
+def close_quietly(conn: ext.connection) -> None:
+	try:
+		conn.close()
+	except Exception:  # closing a broken connection must never raise into a request
+		pass
+
+
+def disown(conn: ext.connection) -> None:
+	"""Make a connection inherited through fork() harmless in the child, without touching the server.
+
+	Closing it normally would send a Terminate message on the socket the parent still uses.
+	Instead the child's copy of the descriptor is pointed at /dev/null: the parent's socket
+	stays open and untouched, and whatever libpq later writes or closes in the child (a
+	query, a Terminate on garbage collection) goes nowhere.
+	"""
+	if conn.closed:
+		return
+	try:
+		fd = conn.fileno()
+	except psycopg2.Error:
+		return
+	devnull = os.open(os.devnull, os.O_RDWR)
+	try:
+		os.dup2(devnull, fd)
+	finally:
+		os.close(devnull)
+
+
+def set_keepalive(conn: ext.connection, idle: int = 30, interval: int = 10, count: int = 3) -> None:
+	"""Tighten TCP keepalives on the connection's socket so a silent network loss is noticed.
+
+	libpq turns keepalives on with the kernel's defaults (2 hours idle); options are per
+	socket, so setting them on a dup of the descriptor changes the connection's socket.
+	"""
+	try:
+		sock = socket.socket(fileno=os.dup(conn.fileno()))  # detects the real family
+	except OSError:
+		return
+	try:
+		if sock.family not in (socket.AF_INET, socket.AF_INET6):
+			return
+		sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+	except OSError:
+		pass
+	finally:
+		sock.close()

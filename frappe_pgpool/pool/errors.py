@@ -1,0 +1,31 @@
+"""Errors raised by the pool.
+
+They subclass psycopg2.OperationalError so that code which already handles a
+failed database connection (Frappe included) handles a pool failure the same way.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+
+
+class PoolError(psycopg2.OperationalError):
+	"""Base class of every error the pool raises itself."""
+
+
+class PoolTimeout(PoolError):
+	"""No connection became free within the configured wait."""
+
+
+class PoolClosed(PoolError):
+	"""The pool was closed (site disabled, process exiting) while a caller used it."""
+
+
+class ConfigError(ValueError):
+	"""A pool setting has a wrong type or range. Carries the key and the rejected value."""
+
+	def __init__(self, key: str, value: object, expected: str) -> None:
+		self.key = key
+		self.value = value
+		self.expected = expected
+		super().__init__(f"frappe_pgpool: invalid {key}={value!r} in site config: expected {expected}")

@@ -1,0 +1,372 @@
+"""A bounded, thread-safe, LIFO pool of psycopg2 connections for one connection identity.
+
+No Frappe import. The pool never prefills and has no background thread: connections are
+opened on demand by the `connect` callable the caller passes to `getconn` (in Frappe, the
+original `get_connection`, so whatever it sets up is kept), and stale ones are pruned when
+the pool is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg2.extensions as ext
+
+from .config import PoolConfig
+from .connection import SessionDefaults, close_quietly, disown, is_usable, reset
+from .errors import PoolClosed, PoolTimeout
+
+log = logging.getLogger("frappe_pgpool")
+
+Connect = Callable[[], ext.connection]
+
+# A connection's lifetime is shortened by up to this fraction, so that connections opened
+# together (a worker's burst at start) do not all expire and reconnect together.
+LIFETIME_JITTER = 0.1
+
+
+@dataclass(eq=False)
+class _Record:
+	"""One physical connection and its bookkeeping (SQLAlchemy's _ConnectionRecord)."""
+
+	conn: ext.connection
+	defaults: SessionDefaults
+	created_at: float
+	expires_at: float
+	returned_at: float = 0.0
+	checked_out_at: float = 0.0
+	checkout_stack: str | None = None
+	leak_reported: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+	"""A caller blocked in getconn; served in arrival order, by hand-off."""
+
+	event: threading.Event = field(default_factory=threading.Event)
+	record: _Record | None = None
+	may_connect: bool = False
+	error: BaseException | None = None
+
+
+@dataclass
+class PoolStats:
+	checkouts: int = 0
+	returns: int = 0
+	created: int = 0
+	closed: Counter[str] = field(default_factory=Counter)
+	connect_errors: int = 0
+	timeouts: int = 0
+	waits: int = 0
+	wait_seconds_total: float = 0.0
+	wait_seconds_max: float = 0.0
+	recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class ConnectionPool:
+	def __init__(self, name: str, config: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
+		self.name = name  # shown in errors and stats; never contains a password
+		self.config = config
+		self.pid = os.getpid()
+		self.stats = PoolStats()
+		self._clock = clock
+		self._lock = threading.Lock()
+		self._idle: list[_Record] = []  # most recently returned last: LIFO keeps few connections warm
+		self._in_use: dict[int, _Record] = {}
+		self._waiters: deque[_Waiter] = deque()
+		self._opening = 0  # slots reserved by callers that are connecting right now
+		self._closed = False
+
+	# -- checkout ---------------------------------------------------------------------------
+
+	def getconn(self, connect: Connect, timeout: float | None = None) -> ext.connection:
+		"""Return an idle connection (no round trip), open one if below size, or wait for one."""
+		timeout = self.config.timeout if timeout is None else timeout
+		waiter = None
+		with self._lock:
+			if self._closed:
+				raise PoolClosed(f"frappe_pgpool: pool {self.name} is closed")
+			record, stale = self._take_idle()
+			if record is None:
+				if self._total() < self.config.size:
+					self._opening += 1
+				else:
+					waiter = _Waiter()
+					self._waiters.append(waiter)
+			else:
+				self._hand_out(record)
+		self._close_records(stale)
+		if waiter is not None:
+			record = self._wait(waiter, timeout)
+		if record is not None:
+			return record.conn
+		return self._open(connect)
+
+	def _take_idle(self) -> tuple[_Record | None, list[tuple[_Record, str]]]:
+		"""Pop the newest usable idle record; collect the stale ones for closing. Under the lock."""
+		now = self._clock()
+		stale = self._prune_idle(now)
+		while self._idle:
+			record = self._idle.pop()
+			if now >= record.expires_at:
+				stale.append((record, "lifetime"))
+			elif not is_usable(record.conn):
+				stale.append((record, "dead"))
+			else:
+				return record, stale
+		return None, stale
+
+	def _prune_idle(self, now: float) -> list[tuple[_Record, str]]:
+		"""Drop the oldest idle records past max_idle. Under the lock."""
+		stale = []
+		max_idle = self.config.max_idle
+		while max_idle and self._idle and now - self._idle[0].returned_at >= max_idle:
+			stale.append((self._idle.pop(0), "idle"))
+		return stale
+
+	def _hand_out(self, record: _Record) -> None:
+		record.checked_out_at = self._clock()
+		record.leak_reported = False
+		if self.config.leak_warning:
+			record.checkout_stack = "".join(traceback.format_stack(limit=30)[:-3])
+		self._in_use[id(record.conn)] = record
+		self.stats.checkouts += 1
+
+	def _wait(self, waiter: _Waiter, timeout: float) -> _Record | None:
+		started = self._clock()
+		waiter.event.wait(timeout)
+		with self._lock:
+			waited = self._clock() - started
+			self.stats.waits += 1
+			self.stats.wait_seconds_total += waited
+			self.stats.wait_seconds_max = max(self.stats.wait_seconds_max, waited)
+			self.stats.recent_waits.append(waited)
+			if waiter.error is not None:
+				raise waiter.error
+			if waiter.record is not None or waiter.may_connect:
+				return waiter.record  # already handed out (or a slot reserved) by the waker
+			self._waiters.remove(waiter)
+			self.stats.timeouts += 1
+			in_use, waiting = len(self._in_use), len(self._waiters)
+		raise PoolTimeout(
+			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s "
+			f"(db_pool_size={self.config.size}: {in_use} in use, {waiting} other requests waiting). "
+			"Raise db_pool_size and db_pool_timeout within pgBouncer's default_pool_size, "
+			"or find what holds connections (db_pool_leak_warning)."
+		)
+
+	def _open(self, connect: Connect) -> ext.connection:
+		"""Open a connection in a slot already reserved by the caller."""
+		try:
+			conn = connect()
+			defaults = SessionDefaults.capture(conn)
+		except BaseException:
+			with self._lock:
+				self._opening -= 1
+				self.stats.connect_errors += 1
+				self._grant_slot()
+			raise
+		now = self._clock()
+		lifetime = self.config.max_lifetime
+		expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else float("inf")
+		record = _Record(conn, defaults, created_at=now, expires_at=expires)
+		with self._lock:
+			self._opening -= 1
+			self.stats.created += 1
+			if self._closed:
+				self.stats.closed["pool_closed"] += 1
+				closed = True
+			else:
+				self._hand_out(record)
+				closed = False
+		if closed:
+			close_quietly(conn)
+			raise PoolClosed(f"frappe_pgpool: pool {self.name} closed while connecting")
+		return conn
+
+	# -- return -----------------------------------------------------------------------------
+
+	def owns(self, conn: ext.connection) -> bool:
+		record = self._in_use.get(id(conn))
+		return record is not None and record.conn is conn
+
+	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
+		"""Take a connection back: reset and keep it, or close it. Never raises.
+
+		Returns False when the connection is not checked out from this pool (a second return,
+		or a foreign connection), which is left untouched.
+		"""
+		with self._lock:
+			record = self._in_use.get(id(conn))
+			if record is None or record.conn is not conn:
+				return False
+			del self._in_use[id(conn)]
+			self._report_leaks_locked()
+		if os.getpid() != self.pid:
+			disown(conn)  # a child returning its parent's connection: never touch the socket
+			return True
+		reason = self._retire_reason(record, discard)
+		if reason is None:
+			try:
+				reset(conn, record.defaults, self.config.reset_query)
+			except Exception as e:  # any failure means unknown state: close it
+				log.info("frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e)
+				reason = "reset_failed"
+		if reason is not None:
+			close_quietly(conn)
+			with self._lock:
+				self.stats.closed[reason] += 1
+				self._grant_slot()
+			return True
+		record.returned_at = self._clock()
+		record.checkout_stack = None
+		with self._lock:
+			self.stats.returns += 1
+			if self._waiters:
+				waiter = self._waiters.popleft()
+				self._hand_out(record)
+				waiter.record = record
+				waiter.event.set()
+				return True
+			if not self._closed and self._total() < self.config.size:
+				self._idle.append(record)
+				return True
+		# closed, or size lowered while this connection was out
+		self._close_records([(record, "pool_closed" if self._closed else "shrunk")])
+		return True
+
+	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
+		conn = record.conn
+		if discard:
+			return "discarded"
+		if conn.closed:
+			return "broken"
+		if conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE:
+			return "busy"  # a statement still running: state unknown
+		if conn.info.transaction_status == ext.TRANSACTION_STATUS_UNKNOWN:
+			return "broken"
+		if self._clock() >= record.expires_at:
+			return "lifetime"
+		if self._closed:
+			return "pool_closed"
+		return None
+
+	def _grant_slot(self) -> None:
+		"""A slot freed up: let the first waiter open a connection in it. Under the lock."""
+		if self._waiters and self._total() < self.config.size:
+			waiter = self._waiters.popleft()
+			self._opening += 1
+			waiter.may_connect = True
+			waiter.event.set()
+
+	def _total(self) -> int:
+		return len(self._idle) + len(self._in_use) + self._opening
+
+	def _report_leaks_locked(self) -> None:
+		threshold = self.config.leak_warning
+		if not threshold:
+			return
+		now = self._clock()
+		for record in self._in_use.values():
+			if not record.leak_reported and now - record.checked_out_at >= threshold:
+				record.leak_reported = True
+				log.warning(
+					"frappe_pgpool: a connection of %s has been checked out for %.1fs (db_pool_leak_warning=%gs); "
+					"it was taken at:\n%s",
+					self.name,
+					now - record.checked_out_at,
+					threshold,
+					record.checkout_stack or "(stack not recorded)",
+				)
+
+	# -- life cycle -------------------------------------------------------------------------
+
+	def reconfigure(self, config: PoolConfig) -> None:
+		"""Apply new settings in place (site_config changed); no restart, nothing dropped in use."""
+		with self._lock:
+			self.config = config
+			excess = max(0, self._total() - config.size)
+			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
+			while self._waiters and self._total() < config.size:
+				self._grant_slot()
+		self._close_records(stale)
+
+	def close(self) -> None:
+		"""Close idle connections now and in-use ones when they come back; fail waiters."""
+		with self._lock:
+			self._closed = True
+			stale = [(record, "pool_closed") for record in self._idle]
+			self._idle.clear()
+			while self._waiters:
+				waiter = self._waiters.popleft()
+				waiter.error = PoolClosed(f"frappe_pgpool: pool {self.name} was closed")
+				waiter.event.set()
+		self._close_records(stale)
+
+	def disown_all(self) -> None:
+		"""In a forked child: make every inherited connection harmless, never closing it."""
+		for record in [*self._idle, *self._in_use.values()]:
+			disown(record.conn)
+		self._idle.clear()
+		self._in_use.clear()
+		self._waiters.clear()
+		self._opening = 0
+		self._closed = True
+		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
+
+	def _close_records(self, stale: list[tuple[_Record, str]]) -> None:
+		if not stale:
+			return
+		for record, _reason in stale:
+			close_quietly(record.conn)
+		with self._lock:
+			for _record, reason in stale:
+				self.stats.closed[reason] += 1
+			for _ in stale:
+				self._grant_slot()
+
+	# -- observation ------------------------------------------------------------------------
+
+	def snapshot(self) -> dict[str, object]:
+		"""A consistent copy of gauges and counters, for status commands and tests."""
+		with self._lock:
+			now = self._clock()
+			records = [*self._idle, *self._in_use.values()]
+			waits = sorted(self.stats.recent_waits)
+			return {
+				"name": self.name,
+				"pid": self.pid,
+				"max_size": self.config.size,
+				"size": self._total(),
+				"idle": len(self._idle),
+				"in_use": len(self._in_use),
+				"opening": self._opening,
+				"waiting": len(self._waiters),
+				"checkouts": self.stats.checkouts,
+				"returns": self.stats.returns,
+				"created": self.stats.created,
+				"closed": dict(self.stats.closed),
+				"connect_errors": self.stats.connect_errors,
+				"timeouts": self.stats.timeouts,
+				"waits": self.stats.waits,
+				"wait_seconds_total": self.stats.wait_seconds_total,
+				"wait_seconds_max": self.stats.wait_seconds_max,
+				"wait_seconds_p50": _percentile(waits, 0.50),
+				"wait_seconds_p95": _percentile(waits, 0.95),
+				"wait_seconds_p99": _percentile(waits, 0.99),
+				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
+			}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+	if not sorted_values:
+		return 0.0
+	return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]

@@ -1,0 +1,132 @@
+"""The per-process registry of pools, keyed by the full connection identity.
+
+No Frappe import. A connection opened for one key is only ever handed out for that key,
+and a process created by fork() starts with no pools: what it inherited is disowned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import psycopg2.extensions as ext
+
+from .config import PoolConfig
+from .pool import Connect, ConnectionPool
+
+log = logging.getLogger("frappe_pgpool")
+
+
+@dataclass(frozen=True)
+class PoolKey:
+	"""Everything that decides which server session a connection is: site and credentials."""
+
+	site: str
+	host: str
+	port: str
+	dbname: str
+	user: str
+	password_digest: str = field(repr=False)
+
+	@classmethod
+	def make(
+		cls, site: str, host: str | None, port: object, dbname: str, user: str, password: str | None
+	) -> PoolKey:
+		# The password takes part in the identity (a changed password must not reuse sessions
+		# logged in with the old one) but only as a digest, never in clear in memory or output.
+		digest = hashlib.sha256(f"{user}\0{password or ''}".encode()).hexdigest()
+		return cls(site, host or "", "" if port is None else str(port), dbname, user, digest)
+
+	@property
+	def label(self) -> str:
+		where = f"{self.host}:{self.port}" if self.port else self.host or "default socket"
+		return f"site {self.site} ({self.user}@{where}/{self.dbname})"
+
+
+class PoolRegistry:
+	def __init__(self) -> None:
+		self._lock = threading.Lock()
+		self._pools: dict[PoolKey, ConnectionPool] = {}
+		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
+		self._pid = os.getpid()
+		_registries.add(self)
+
+	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
+		pool = self.pool(key, config)
+		conn = pool.getconn(connect)
+		with self._lock:
+			self._owner[id(conn)] = pool
+		return conn
+
+	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
+		"""Return a pooled connection; False if it is not one of ours (caller closes it as usual)."""
+		with self._lock:
+			pool = self._owner.get(id(conn))
+			if pool is None or not pool.owns(conn):
+				return False
+			del self._owner[id(conn)]
+		return pool.putconn(conn, discard)
+
+	def owns(self, conn: ext.connection) -> bool:
+		pool = self._owner.get(id(conn))
+		return pool is not None and pool.owns(conn)
+
+	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
+		self._check_pid()
+		pool = self._pools.get(key)
+		if pool is None:
+			with self._lock:
+				pool = self._pools.get(key)
+				if pool is None:
+					pool = self._pools[key] = ConnectionPool(key.label, config)
+		if pool.config is not config and pool.config != config:
+			pool.reconfigure(config)
+		return pool
+
+	def pools(self) -> dict[PoolKey, ConnectionPool]:
+		self._check_pid()
+		return dict(self._pools)
+
+	def close_site(self, site: str) -> int:
+		"""Close the pools of a site (pooling switched off); in-use connections close on return."""
+		with self._lock:
+			keys = [key for key in self._pools if key.site == site]
+			pools = [self._pools.pop(key) for key in keys]
+		for pool in pools:
+			pool.close()
+		return len(pools)
+
+	def close_all(self) -> None:
+		with self._lock:
+			pools = list(self._pools.values())
+			self._pools.clear()
+		for pool in pools:
+			pool.close()
+
+	def after_fork_in_child(self) -> None:
+		"""Runs in the child right after fork(): forget the parent's pools without a Terminate."""
+		for pool in self._pools.values():
+			pool.disown_all()
+		self._pools = {}
+		self._owner = {}
+		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
+		self._pid = os.getpid()
+
+	def _check_pid(self) -> None:
+		# register_at_fork covers os.fork(); this catches forks it does not see.
+		if self._pid != os.getpid():
+			self.after_fork_in_child()
+
+
+def _after_fork_in_child() -> None:
+	for reg in list(_registries):
+		reg.after_fork_in_child()
+
+
+_registries: weakref.WeakSet[PoolRegistry] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork_in_child)
+registry = PoolRegistry()

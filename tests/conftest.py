@@ -1,0 +1,70 @@
+"""Fixtures: a throwaway PostgreSQL cluster and a pgBouncer (session mode, SCRAM) per test session."""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.extensions as ext
+import pytest
+
+from frappe_pgpool.pool import PoolConfig, PoolKey, PoolRegistry
+from frappe_pgpool.testing.servers import PgBouncer, PostgresCluster
+
+USERS = {"app1": "pw-app1", "app2": "pw-app2"}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+	with PostgresCluster() as c:
+		for user, password in USERS.items():
+			c.create_role(user, password)
+			c.create_database(user, owner=user)
+		c.create_role("other_role", "pw-other")
+		with c.connect() as admin:
+			admin.cursor().execute("GRANT other_role TO app1")
+		yield c
+
+
+@pytest.fixture(scope="session")
+def bouncer(cluster):
+	with PgBouncer(cluster, users=USERS) as b:
+		yield b
+
+
+def frappe_like_factory(bouncer: PgBouncer, user: str = "app1", isolation: int = ext.ISOLATION_LEVEL_REPEATABLE_READ):
+	"""What Frappe 15's PostgresDatabase.get_connection does: connect, then set the isolation level."""
+
+	def connect() -> ext.connection:
+		conn = psycopg2.connect(bouncer.dsn(user, USERS[user], user))
+		conn.set_isolation_level(isolation)
+		return conn
+
+	return connect
+
+
+def key_for(user: str = "app1", site: str | None = None, bouncer: PgBouncer | None = None) -> PoolKey:
+	port = bouncer.port if bouncer else 0
+	return PoolKey.make(site or f"{user}.local", "127.0.0.1", port, user, user, USERS[user])
+
+
+@pytest.fixture
+def registry():
+	reg = PoolRegistry()
+	yield reg
+	reg.close_all()
+
+
+@pytest.fixture
+def config():
+	return PoolConfig(enabled=True, size=4, timeout=2.0)
+
+
+def backend_pid(conn: ext.connection) -> int:
+	with conn.cursor() as cur:
+		cur.execute("SELECT pg_backend_pid()")
+		return cur.fetchone()[0]
+
+
+def scalar(conn: ext.connection, sql: str, args=None):
+	with conn.cursor() as cur:
+		cur.execute(sql, args)
+		return cur.fetchone()[0]

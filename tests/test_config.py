@@ -1,0 +1,71 @@
+"""Site config validation: every bad value names its key; the fallback is the plain (unpooled) path."""
+
+from __future__ import annotations
+
+import pytest
+
+from frappe_pgpool.pool import ConfigError, PoolConfig, parse_config
+
+
+def test_defaults():
+	config = parse_config({})
+	assert config == PoolConfig()
+	assert not config.enabled  # off until install-app (or the operator) sets db_pool_enabled
+
+
+def test_valid_values_are_parsed():
+	config = parse_config(
+		{
+			"db_pool_enabled": 1,
+			"db_pool_size": "12",
+			"db_pool_timeout": 2.5,
+			"db_pool_max_lifetime": 600,
+			"db_pool_max_idle": 0,
+			"db_pool_reset_query": "",
+			"db_pool_leak_warning": 30,
+			"db_pool_connect_timeout": 3,
+			"db_name": "not ours, ignored",
+		}
+	)
+	assert config == PoolConfig(
+		enabled=True, size=12, timeout=2.5, max_lifetime=600, max_idle=0, reset_query="", leak_warning=30, connect_timeout=3
+	)
+
+
+BAD = [
+	("db_pool_enabled", "maybe"),
+	("db_pool_enabled", 2),
+	("db_pool_size", 0),
+	("db_pool_size", -1),
+	("db_pool_size", 1.5),
+	("db_pool_size", "ten"),
+	("db_pool_size", True),
+	("db_pool_size", [4]),
+	("db_pool_size", 100000),
+	("db_pool_timeout", 0),
+	("db_pool_timeout", -3),
+	("db_pool_timeout", float("nan")),
+	("db_pool_timeout", float("inf")),
+	("db_pool_max_lifetime", -1),
+	("db_pool_max_lifetime", 10**9),
+	("db_pool_max_idle", "5m"),
+	("db_pool_leak_warning", -1),
+	("db_pool_connect_timeout", 0),
+	("db_pool_connect_timeout", 2.5),
+	("db_pool_reset_query", 5),
+	("db_pool_sise", 4),  # misspelt key
+	("db_pool_min_size", 1),  # unknown key
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD, ids=[f"{k}={v!r}" for k, v in BAD])
+def test_bad_values_name_the_key_and_value(key, value):
+	with pytest.raises(ConfigError) as raised:
+		parse_config({"db_pool_enabled": 1, key: value})
+	assert raised.value.key == key
+	message = str(raised.value)
+	assert key in message and repr(value) in message and "expected" in message
+
+
+def test_none_means_default():
+	assert parse_config({"db_pool_size": None}).size == PoolConfig().size

@@ -1,0 +1,76 @@
+"""A forked child never uses, closes or terminates a connection its parent opened."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from .conftest import backend_pid, frappe_like_factory, key_for, scalar
+
+
+def run_in_child(body) -> int:
+	pid = os.fork()
+	if pid == 0:  # pragma: no cover - child
+		code = 1
+		try:
+			code = body()
+		finally:
+			os._exit(code)
+	_, status = os.waitpid(pid, 0)
+	return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("parent_holds", [False, True], ids=["idle-in-pool", "checked-out"])
+def test_child_gets_its_own_connections_and_parent_keeps_its_own(bouncer, registry, config, parent_holds):
+	connect = frappe_like_factory(bouncer)
+	key = key_for(bouncer=bouncer, site="fork")
+	conn = registry.getconn(key, config, connect)
+	parent_pid = backend_pid(conn)
+	if not parent_holds:
+		registry.putconn(conn)
+	inherited = conn
+
+	def child() -> int:
+		# the parent's pools are gone in the child
+		if registry.pools():
+			return 10
+		mine = registry.getconn(key, config, connect)
+		if backend_pid(mine) == parent_pid:
+			return 11
+		registry.putconn(mine)
+		# returning or closing the inherited object must not reach the parent's session
+		if registry.putconn(inherited):
+			return 12
+		inherited.close()
+		gc.collect()
+		return 0
+
+	assert run_in_child(child) == 0
+	if not parent_holds:
+		conn = registry.getconn(key, config, connect)
+	# the parent's session is intact: same backend, usable, no error
+	assert backend_pid(conn) == parent_pid
+	assert scalar(conn, "SELECT 1") == 1
+	registry.putconn(conn)
+	assert registry.pool(key, config).snapshot()["created"] == 1
+
+
+def test_child_that_never_touches_the_pool_does_not_harm_the_parent(bouncer, registry, config):
+	connect = frappe_like_factory(bouncer)
+	key = key_for(bouncer=bouncer, site="fork2")
+	conn = registry.getconn(key, config, connect)
+	pid = backend_pid(conn)
+	registry.putconn(conn)
+	# a child that cleans up (close_all, garbage collection) must not send Terminate
+
+	def child() -> int:
+		registry.close_all()
+		gc.collect()
+		return 0
+
+	assert run_in_child(child) == 0
+	conn = registry.getconn(key, config, connect)
+	assert backend_pid(conn) == pid and scalar(conn, "SELECT 1") == 1
+	registry.putconn(conn)
