@@ -7,7 +7,7 @@ import psycopg2.extensions as ext
 import pytest
 
 from frappe_pgpool.pool import PoolConfig, PoolKey, PoolRegistry
-from frappe_pgpool.testing.servers import PgBouncer, PostgresCluster
+from frappe_pgpool.testing.cluster import PgBouncer, PostgresCluster
 
 USERS = {"app1": "pw-app1", "app2": "pw-app2"}
 

@@ -85,7 +85,7 @@ def test_postgres_restart_behind_pgbouncer_is_survived(pooled, cluster):
 
 
 def test_listen_notifications_are_not_mistaken_for_a_dead_connection(pooled, bouncer):
-	checkout, checkin, pool = pooled
+	checkout, checkin, _pool = pooled
 	conn = checkout()
 	pid = backend_pid(conn)
 	conn.rollback()
@@ -114,3 +114,20 @@ def test_checkout_sends_nothing_to_the_server(pooled, bouncer):
 	after = bouncer.stats("app1")["total_query_count"]
 	# one reset query string per return, none per checkout
 	assert after - before == 100
+
+
+def test_return_after_a_frappe_like_request_costs_rollback_plus_discard(pooled, bouncer):
+	checkout, checkin, _pool = pooled
+	conn = checkout()
+	scalar(conn, "SELECT 1")  # psycopg2's BEGIN + the query
+	with conn.cursor() as cur:
+		cur.execute("rollback")  # what frappe.db.rollback() sends...
+		cur.execute("START TRANSACTION")  # ...and frappe.db.begin(): destroy() finds it open
+	before = int(bouncer.stats("app1")["total_query_count"])
+	checkin(conn)
+	time.sleep(0.1)
+	assert int(bouncer.stats("app1")["total_query_count"]) - before == 2  # ROLLBACK, DISCARD ALL
+	conn = checkout()
+	# psycopg2 forgot the old transaction: the next statement runs in a fresh REPEATABLE READ one
+	assert scalar(conn, "SHOW transaction_isolation") == "repeatable read"
+	checkin(conn)

@@ -11,15 +11,12 @@ from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
-# One round trip that clears every kind of session state a request can leave behind:
-# GUCs (SET, set_config), SET ROLE / SESSION AUTHORIZATION, WITH HOLD cursors, prepared
-# statements, LISTEN, session advisory locks, cached plans, sequence state, temp tables.
-# It is DISCARD ALL spelt out, because DISCARD ALL cannot share a query string with other
-# statements, and RESET ALL leaves the role alone (role is GUC_NO_RESET_ALL).
-DEFAULT_RESET_QUERY = (
-	"CLOSE ALL; RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
-	"SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
-)
+# DISCARD ALL clears every kind of session state a request can leave behind: GUCs (SET,
+# set_config), SET ROLE / SESSION AUTHORIZATION, WITH HOLD cursors, prepared statements,
+# LISTEN, session advisory locks, cached plans, sequence state and temp tables; and it is what
+# pgBouncer itself runs (server_reset_query) when a client leaves. Sent through psycopg2's own
+# connection.reset(), it costs one round trip on an idle connection.
+DEFAULT_RESET_QUERY = "DISCARD ALL"
 
 KEY_PREFIX = "db_pool_"
 
@@ -39,7 +36,8 @@ class PoolConfig:
 	max_lifetime: float = 3600.0
 	# Seconds a connection may sit idle in the pool; keep below pgBouncer's client_idle_timeout. 0 disables.
 	max_idle: float = 300.0
-	# SQL sent (autocommit, one round trip) when a connection comes back. "" sends nothing after the rollback.
+	# Sent when a connection comes back, after the rollback. "" sends nothing more (only for apps that
+	# never change session state); any other SQL runs in autocommit, which costs a second round trip.
 	reset_query: str = DEFAULT_RESET_QUERY
 	# Seconds a checkout may be held before a warning with the stack that took it. 0 disables.
 	leak_warning: float = 0.0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import psycopg2
 import psycopg2.extensions as ext
 
+from .config import DEFAULT_RESET_QUERY
+
 _POLL_DEAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -61,30 +63,36 @@ class SessionDefaults:
 	def restore(self, conn: ext.connection) -> None:
 		"""Undo a request's set_session/autocommit changes; client-side only, no round trip."""
 		if SessionDefaults.capture(conn) != self:
-			conn.set_session(
-				isolation_level=self.isolation_level,
-				readonly=self.readonly,
-				deferrable=self.deferrable,
-				autocommit=self.autocommit,
-			)
+			# attribute setters, not set_session(): there None means "leave as is", here "default"
+			conn.autocommit = self.autocommit
+			conn.isolation_level = self.isolation_level
+			conn.readonly = self.readonly
+			conn.deferrable = self.deferrable
 
 
 def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> None:
 	"""Bring a returned connection back to the state the factory made. Raises on any failure.
 
-	Rollback first if a transaction is open (psycopg2 must see it too, or the next request's
-	first statement would run without psycopg2's BEGIN), then the reset query in autocommit
-	so psycopg2 does not wrap it in a transaction of its own.
+	The rollback goes through psycopg2 when psycopg2 knows of the transaction, so that it
+	forgets it too: otherwise the next request's first statement would run without psycopg2's
+	BEGIN, outside any transaction. A request that opened a transaction itself (Frappe's
+	"START TRANSACTION" after a commit) is covered the same way, since psycopg2 then still
+	believes its own BEGIN is open.
 	"""
-	if conn.status != ext.STATUS_READY or conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	if conn.status != ext.STATUS_READY:
 		conn.rollback()
+	elif conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+		with conn.cursor() as cur:  # a BEGIN sent as SQL text under autocommit
+			cur.execute("ROLLBACK")
 	if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
-	if reset_query:
-		conn.autocommit = True
+	if reset_query.strip().upper() == DEFAULT_RESET_QUERY:
+		conn.reset()  # DISCARD ALL; it also resets psycopg2's session characteristics, restored below
+	elif reset_query:
+		conn.autocommit = True  # no BEGIN around the reset
 		with conn.cursor() as cur:
 			cur.execute(reset_query)
-	defaults.restore(conn)
+	defaults.restore(conn)  # client-side only: no round trip for a non-autocommit factory
 	del conn.notices[:]
 	del conn.notifies[:]
 

@@ -83,6 +83,7 @@ class ConnectionPool:
 		self._in_use: dict[int, _Record] = {}
 		self._waiters: deque[_Waiter] = deque()
 		self._opening = 0  # slots reserved by callers that are connecting right now
+		self._returning = 0  # connections being reset on their way back
 		self._closed = False
 
 	# -- checkout ---------------------------------------------------------------------------
@@ -209,38 +210,40 @@ class ConnectionPool:
 			if record is None or record.conn is not conn:
 				return False
 			del self._in_use[id(conn)]
+			self._returning += 1  # keeps its slot while it is reset: the size bound holds
 			self._report_leaks_locked()
 		if os.getpid() != self.pid:
 			disown(conn)  # a child returning its parent's connection: never touch the socket
-			return True
-		reason = self._retire_reason(record, discard)
+			reason = "fork"
+		else:
+			reason = self._retire_reason(record, discard)
 		if reason is None:
 			try:
 				reset(conn, record.defaults, self.config.reset_query)
-			except Exception as e:  # any failure means unknown state: close it
+			except Exception as e:  # any failure leaves the session in an unknown state
 				log.info("frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e)
 				reason = "reset_failed"
-		if reason is not None:
-			close_quietly(conn)
-			with self._lock:
-				self.stats.closed[reason] += 1
-				self._grant_slot()
-			return True
-		record.returned_at = self._clock()
-		record.checkout_stack = None
+		if reason is None:
+			record.returned_at = self._clock()
+			record.checkout_stack = None
 		with self._lock:
-			self.stats.returns += 1
-			if self._waiters:
-				waiter = self._waiters.popleft()
-				self._hand_out(record)
-				waiter.record = record
-				waiter.event.set()
-				return True
-			if not self._closed and self._total() < self.config.size:
-				self._idle.append(record)
-				return True
-		# closed, or size lowered while this connection was out
-		self._close_records([(record, "pool_closed" if self._closed else "shrunk")])
+			self._returning -= 1
+			if reason is None:
+				self.stats.returns += 1
+				if self._waiters:
+					waiter = self._waiters.popleft()
+					self._hand_out(record)
+					waiter.record = record
+					waiter.event.set()
+					return True
+				if not self._closed and self._total() < self.config.size:
+					self._idle.append(record)
+					return True
+				reason = "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
+			self.stats.closed[reason] += 1
+			self._grant_slot()
+		if reason != "fork":
+			close_quietly(conn)
 		return True
 
 	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
@@ -268,7 +271,7 @@ class ConnectionPool:
 			waiter.event.set()
 
 	def _total(self) -> int:
-		return len(self._idle) + len(self._in_use) + self._opening
+		return len(self._idle) + len(self._in_use) + self._opening + self._returning
 
 	def _report_leaks_locked(self) -> None:
 		threshold = self.config.leak_warning
@@ -319,6 +322,7 @@ class ConnectionPool:
 		self._in_use.clear()
 		self._waiters.clear()
 		self._opening = 0
+		self._returning = 0
 		self._closed = True
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
 
