@@ -2,7 +2,7 @@
 
 `arm()` only registers a post-import hook (no Frappe import): the wrappers are installed the
 moment `frappe.database.postgres.database` is imported, or at once if it already is. It is
-called from the app's `__init__` and from `frappe_pgpool.pth`, which `after_install` puts in
+called from the app's `__init__` and from `frappe_pgpool_autoload.pth`, which `after_install` puts in
 the bench's site-packages so that every Python process of the bench (gunicorn with or
 without --preload, RQ workers and work-horses, the scheduler, bench execute) arms it at start,
 before Frappe is even imported: hooks are cached in Redis and run too late for that.
@@ -17,7 +17,8 @@ import sysconfig
 import wrapt
 
 POSTGRES_MODULE = "frappe.database.postgres.database"
-PTH_NAME = "frappe_pgpool.pth"
+# sorts after an editable install's own "frappe_pgpool.pth", which puts the app on sys.path
+PTH_NAME = "frappe_pgpool_autoload.pth"
 # One line, executed by site.py at interpreter start; silent if the app was removed.
 PTH_LINE = (
 	"import importlib.util as _u; "

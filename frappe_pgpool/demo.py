@@ -45,9 +45,13 @@ def run(requests: int) -> int:
 				return conn
 
 			def query(conn: ext.connection) -> None:
+				# what a Frappe request does on its connection: psycopg2's BEGIN and a query, then
+				# frappe.db.rollback() ("rollback" + "START TRANSACTION"), so it ends in a transaction
 				with conn.cursor() as cur:
 					cur.execute("SELECT 1")
 					cur.fetchone()
+					cur.execute("rollback")
+					cur.execute("START TRANSACTION")
 
 			registry = PoolRegistry()
 			key = PoolKey.make("demo.local", bouncer.host, bouncer.port, USER, USER, PASSWORD)
@@ -65,10 +69,10 @@ def run(requests: int) -> int:
 
 			results = {}
 			for name, fn in (("connect per request", plain), ("frappe_pgpool", pooled)):
-				fn()  # warm up (and, for the pool, the one login it needs)
 				logins = bouncer.logins(USER)
-				queries = bouncer.stats(USER)["total_query_count"]
 				backends = bouncer.server_connections_opened(USER)
+				fn()  # warm up: the pool's one login happens here, and is counted
+				queries = bouncer.stats(USER)["total_query_count"]
 				samples = []
 				for _ in range(requests):
 					started = time.perf_counter()
@@ -82,8 +86,11 @@ def run(requests: int) -> int:
 				}
 			registry.close_all()
 
-	print(f"{requests} Frappe-like requests through pgBouncer (session mode, SCRAM, TCP loopback)\n")
-	header = f"{'':22}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'logins':>9}{'new backends':>14}{'queries/req':>13}"
+	print(f"{requests} Frappe-like requests through pgBouncer (session mode, SCRAM, TCP loopback)")
+	print("a request: open or check out, SELECT 1, rollback, START TRANSACTION, close or return\n")
+	header = (
+		f"{'':22}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'logins':>9}{'new backends':>14}{'queries/req':>13}"
+	)
 	print(header)
 	for name, r in results.items():
 		print(
@@ -91,12 +98,16 @@ def run(requests: int) -> int:
 			f"{r['queries'] / requests:13.2f}"
 		)
 	plain_r, pooled_r = results["connect per request"], results["frappe_pgpool"]
-	print(f"\npooled/plain p50 = {pooled_r['p50'] / plain_r['p50']:.2f}, p95 = {pooled_r['p95'] / plain_r['p95']:.2f}")
+	print(
+		f"\npooled/plain p50 = {pooled_r['p50'] / plain_r['p50']:.2f}, p95 = {pooled_r['p95'] / plain_r['p95']:.2f}"
+	)
 	return 0
 
 
 def main() -> int:
-	parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+	parser = argparse.ArgumentParser(
+		description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+	)
 	parser.add_argument("--requests", type=int, default=1000)
 	return run(parser.parse_args().requests)
 

@@ -4,7 +4,6 @@ app_publisher = "frappe_pgpool developers"
 app_description = "Client-side PostgreSQL connection pool: one pgBouncer login per worker, not per request"
 app_email = "frappe-pgpool@example.invalid"
 app_license = "MIT"
-required_apps = ["frappe"]
 
 after_install = "frappe_pgpool.install.after_install"
 before_uninstall = "frappe_pgpool.install.before_uninstall"

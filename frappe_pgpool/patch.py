@@ -31,10 +31,10 @@ def _find(module_name: str, class_name: str):
 def _our_wrapper(cls: type, attr: str, wrapper) -> wrapt.FunctionWrapper | None:
 	"""Our FunctionWrapper on cls.attr, outermost or anywhere down the chain."""
 	current = cls.__dict__.get(attr)
-	while isinstance(current, wrapt.ObjectProxy):
+	while current is not None:
 		if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
 			return current
-		current = current.__wrapped__
+		current = getattr(current, "__wrapped__", None)
 	return None
 
 

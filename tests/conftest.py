@@ -30,7 +30,9 @@ def bouncer(cluster):
 		yield b
 
 
-def frappe_like_factory(bouncer: PgBouncer, user: str = "app1", isolation: int = ext.ISOLATION_LEVEL_REPEATABLE_READ):
+def frappe_like_factory(
+	bouncer: PgBouncer, user: str = "app1", isolation: int = ext.ISOLATION_LEVEL_REPEATABLE_READ
+):
 	"""What Frappe 15's PostgresDatabase.get_connection does: connect, then set the isolation level."""
 
 	def connect() -> ext.connection:

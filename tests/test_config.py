@@ -28,7 +28,14 @@ def test_valid_values_are_parsed():
 		}
 	)
 	assert config == PoolConfig(
-		enabled=True, size=12, timeout=2.5, max_lifetime=600, max_idle=0, reset_query="", leak_warning=30, connect_timeout=3
+		enabled=True,
+		size=12,
+		timeout=2.5,
+		max_lifetime=600,
+		max_idle=0,
+		reset_query="",
+		leak_warning=30,
+		connect_timeout=3,
 	)
 
 

@@ -37,7 +37,10 @@ def test_sequential_checkouts_reuse_one_connection_and_one_login(bouncer, regist
 
 @pytest.mark.parametrize(
 	("level", "name"),
-	[(ext.ISOLATION_LEVEL_REPEATABLE_READ, "repeatable read"), (ext.ISOLATION_LEVEL_READ_COMMITTED, "read committed")],
+	[
+		(ext.ISOLATION_LEVEL_REPEATABLE_READ, "repeatable read"),
+		(ext.ISOLATION_LEVEL_READ_COMMITTED, "read committed"),
+	],
 )
 def test_isolation_level_of_the_factory_is_kept(bouncer, registry, config, level, name):
 	connect = frappe_like_factory(bouncer, isolation=level)
@@ -87,7 +90,11 @@ def test_exceptions_mid_work_return_the_connection_and_nothing_leaks(bouncer, cl
 
 SESSION_STATE = [
 	("SET work_mem = '77MB'", "SHOW work_mem", "4MB"),
-	("SELECT set_config('app.tenant', 'acme', false)", "SELECT coalesce(current_setting('app.tenant', true), '')", ""),
+	(
+		"SELECT set_config('app.tenant', 'acme', false)",
+		"SELECT coalesce(current_setting('app.tenant', true), '')",
+		"",
+	),
 	("SET ROLE other_role", "SELECT current_user", "app1"),
 	("CREATE TEMP TABLE scratch (x int)", "SELECT to_regclass('pg_temp.scratch') IS NULL", True),
 	(
@@ -102,9 +109,13 @@ SESSION_STATE = [
 ]
 
 
-@pytest.mark.parametrize(("dirty", "probe", "clean"), SESSION_STATE, ids=[s[0].split()[0:2][-1] for s in SESSION_STATE])
+@pytest.mark.parametrize(
+	("dirty", "probe", "clean"), SESSION_STATE, ids=[s[0].split()[0:2][-1] for s in SESSION_STATE]
+)
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "left-in-transaction"])
-def test_session_state_does_not_leak_into_the_next_checkout(bouncer, registry, config, dirty, probe, clean, committed):
+def test_session_state_does_not_leak_into_the_next_checkout(
+	bouncer, registry, config, dirty, probe, clean, committed
+):
 	connect = frappe_like_factory(bouncer)
 	key = key_for(bouncer=bouncer, site="state")
 	conn = registry.getconn(key, config, connect)

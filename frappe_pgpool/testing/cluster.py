@@ -126,7 +126,9 @@ class PostgresCluster:
 
 	def start(self) -> PostgresCluster:
 		if not self.data.exists():
-			self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.superuser, "--no-sync", "-E", "UTF8")
+			self._run(
+				"initdb", "-D", str(self.data), "-A", "trust", "-U", self.superuser, "--no-sync", "-E", "UTF8"
+			)
 			with open(self.data / "postgresql.conf", "a") as conf:
 				conf.write(
 					f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.socket_dir}'\n"
@@ -144,7 +146,9 @@ class PostgresCluster:
 			self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
 	def restart(self, mode: str = "fast") -> None:
-		self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w", "-t", "60", "restart")
+		self._run(
+			"pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w", "-t", "60", "restart"
+		)
 
 	def connect(self, dbname: str = "postgres", **kw) -> psycopg2.extensions.connection:
 		conn = psycopg2.connect(host=self.host, port=self.port, user=self.superuser, dbname=dbname, **kw)
@@ -152,9 +156,10 @@ class PostgresCluster:
 		return conn
 
 	def execute(self, sql: str, args=None, dbname: str = "postgres") -> list[dict]:
-		with contextlib.closing(self.connect(dbname)) as conn, conn.cursor(
-			cursor_factory=psycopg2.extras.RealDictCursor
-		) as cur:
+		with (
+			contextlib.closing(self.connect(dbname)) as conn,
+			conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+		):
 			cur.execute(sql, args)
 			return [dict(row) for row in cur.fetchall()] if cur.description else []
 
@@ -290,11 +295,19 @@ class PgBouncer:
 			self.proc.wait(5)
 
 	def dsn(self, user: str, password: str, dbname: str | None = None, **extra: object) -> str:
-		parts = {"host": self.host, "port": self.port, "user": user, "password": password, "dbname": dbname or user}
+		parts = {
+			"host": self.host,
+			"port": self.port,
+			"user": user,
+			"password": password,
+			"dbname": dbname or user,
+		}
 		parts.update(extra)
 		return " ".join(f"{k}='{v}'" for k, v in parts.items())
 
-	def connect(self, user: str, password: str, dbname: str | None = None, **kw) -> psycopg2.extensions.connection:
+	def connect(
+		self, user: str, password: str, dbname: str | None = None, **kw
+	) -> psycopg2.extensions.connection:
 		return psycopg2.connect(self.dsn(user, password, dbname), **kw)
 
 	def admin(self, command: str) -> list[dict]:
@@ -330,7 +343,9 @@ class PgBouncer:
 		pgBouncer 1.18's SHOW STATS has no login counter; with log_connections=1 it logs one
 		"login attempt: db=X user=Y" line per client that completed authentication.
 		"""
-		return self._log_count(rf"C-0x[0-9a-f]+: {re.escape(dbname)}/\S+@\S+ login attempt: db={re.escape(dbname)} ")
+		return self._log_count(
+			rf"C-0x[0-9a-f]+: {re.escape(dbname)}/\S+@\S+ login attempt: db={re.escape(dbname)} "
+		)
 
 	def server_connections_opened(self, dbname: str) -> int:
 		"""New server connections (Postgres backends) pgBouncer opened for `dbname`."""
