@@ -1,0 +1,168 @@
+"""Faults: pgBouncer down, idle timeouts, leaks, exhaustion order, secrets. Real servers only."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolKey, PoolRegistry
+from frappe_pgpool.testing.cluster import PgBouncer
+
+from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
+
+
+def test_pgbouncer_down_fails_fast_then_heals(cluster, registry):
+	with PgBouncer(cluster, users=USERS) as bouncer:
+		key = key_for(bouncer=bouncer, site="down")
+		config = PoolConfig(size=2, timeout=1)
+		connect = frappe_like_factory(bouncer)
+		registry.putconn(registry.getconn(key, config, connect))
+		bouncer.stop()
+		# the idle connection is found dead without a round trip; the reconnect is refused at once
+		for _ in range(5):
+			started = time.monotonic()
+			with pytest.raises(psycopg2.OperationalError):
+				registry.getconn(key, config, connect)
+			assert time.monotonic() - started < 2
+		stats = registry.pool(key, config).snapshot()
+		assert stats["connect_errors"] == 5 and stats["size"] == 0  # failed connects free their slot
+		bouncer.start()
+		conn = registry.getconn(key, config, connect)
+		assert scalar(conn, "SELECT 1") == 1
+		registry.putconn(conn)
+
+
+def test_pgbouncer_client_idle_timeout_never_reaches_a_request(cluster, registry):
+	# pgBouncer 1.18 skips clients linked to a server, so in session mode an idle pooled client is
+	# never timed out; transaction mode unlinks idle clients, and there the timeout does fire.
+	with PgBouncer(cluster, users=USERS, client_idle_timeout=1, pool_mode="transaction") as bouncer:
+		connect = frappe_like_factory(bouncer)
+		# max_idle below client_idle_timeout: the pool closes it first
+		below = PoolConfig(size=2, max_idle=0.5)
+		key = key_for(bouncer=bouncer, site="idle-below")
+		registry.putconn(registry.getconn(key, below, connect))
+		time.sleep(1.5)
+		conn = registry.getconn(key, below, connect)
+		assert scalar(conn, "SELECT 1") == 1
+		registry.putconn(conn)
+		assert registry.pool(key, below).snapshot()["closed"] == {"idle": 1}
+		# max_idle above it (a misconfiguration): pgBouncer closes it, the liveness check notices
+		above = PoolConfig(size=2, max_idle=60)
+		key = key_for(bouncer=bouncer, site="idle-above")
+		timeouts_so_far = bouncer.log.read_text().count("client_idle_timeout")
+		registry.putconn(registry.getconn(key, above, connect))
+		deadline = time.monotonic() + 20
+		while bouncer.log.read_text().count("client_idle_timeout") == timeouts_so_far:
+			assert time.monotonic() < deadline, "pgBouncer never applied client_idle_timeout"
+			time.sleep(0.2)
+		time.sleep(0.2)
+		conn = registry.getconn(key, above, connect)
+		assert scalar(conn, "SELECT 1") == 1
+		registry.putconn(conn)
+		assert registry.pool(key, above).snapshot()["closed"] == {"dead": 1}
+
+
+def test_ten_thousand_operations_with_failures_leave_nothing_in_use(bouncer, registry):
+	key = key_for(bouncer=bouncer, site="soak")
+	config = PoolConfig(size=2)
+	connect = frappe_like_factory(bouncer)
+	failures = 0
+	for i in range(10_000):
+		conn = registry.getconn(key, config, connect)
+		try:
+			if i % 10 == 0:
+				raise RuntimeError("boom")
+			if i % 100 == 1:
+				scalar(conn, "SELECT 1/0")
+		except (RuntimeError, psycopg2.Error):
+			failures += 1
+		finally:
+			registry.putconn(conn)
+	stats = registry.pool(key, config).snapshot()
+	assert failures == 1100
+	assert (stats["in_use"], stats["size"], stats["created"], stats["checkouts"]) == (0, 1, 1, 10_000)
+
+
+def test_leak_warning_names_where_the_connection_was_taken(bouncer, caplog):
+	pool = ConnectionPool("site leaky.local", PoolConfig(size=3, leak_warning=0.2))
+	connect = frappe_like_factory(bouncer)
+
+	def take_and_forget():
+		return pool.getconn(connect)
+
+	held = take_and_forget()
+	time.sleep(0.3)
+	with caplog.at_level(logging.WARNING, logger="frappe_pgpool"):
+		pool.putconn(pool.getconn(connect))
+	(record,) = [r for r in caplog.records if "checked out for" in r.getMessage()]
+	assert "leaky.local" in record.getMessage() and "take_and_forget" in record.getMessage()
+	pool.putconn(held)
+	pool.close()
+
+
+def test_waiters_are_served_in_arrival_order(bouncer):
+	pool = ConnectionPool("fifo", PoolConfig(size=1, timeout=10))
+	connect = frappe_like_factory(bouncer)
+	conn = pool.getconn(connect)
+	order: list[int] = []
+
+	def waiter(n: int) -> None:
+		c = pool.getconn(connect)
+		order.append(n)
+		pool.putconn(c)
+
+	threads = []
+	for n in range(5):
+		t = threading.Thread(target=waiter, args=(n,))
+		t.start()
+		threads.append(t)
+		while pool.snapshot()["waiting"] < n + 1:
+			time.sleep(0.001)
+	pool.putconn(conn)
+	for t in threads:
+		t.join(10)
+	assert order == [0, 1, 2, 3, 4]
+	assert pool.snapshot()["created"] == 1
+	pool.close()
+
+
+def test_no_password_in_errors_logs_or_stats(cluster, bouncer, caplog):
+	password = USERS["app1"]
+	registry = PoolRegistry()
+	key = PoolKey.make("secret.local", bouncer.host, bouncer.port, "app1", "app1", password)
+	config = PoolConfig(size=1, timeout=0.2, leak_warning=0.01)
+	texts = [repr(key), key.label]
+
+	def wrong_password():
+		return psycopg2.connect(bouncer.dsn("app1", password + "-wrong", "app1"))
+
+	with caplog.at_level(logging.DEBUG, logger="frappe_pgpool"):
+		with pytest.raises(psycopg2.OperationalError) as raised:
+			registry.getconn(key, config, wrong_password)
+		texts.append(str(raised.value))
+		conn = registry.getconn(key, config, frappe_like_factory(bouncer))
+		with pytest.raises(psycopg2.OperationalError) as raised:
+			registry.getconn(key, config, frappe_like_factory(bouncer))  # exhausted
+		texts.append(str(raised.value))
+		time.sleep(0.02)
+		registry.putconn(conn)
+		texts += [str(registry.pool(key, config).snapshot())]
+	texts += [r.getMessage() for r in caplog.records]
+	assert len(texts) > 4
+	assert not [t for t in texts if password in t]
+	registry.close_all()
+
+
+def test_a_checked_out_connection_survives_a_concurrent_pool_close(bouncer):
+	pool = ConnectionPool("closing", PoolConfig(size=2))
+	connect = frappe_like_factory(bouncer)
+	conn = pool.getconn(connect)
+	pid = backend_pid(conn)
+	pool.close()
+	assert scalar(conn, "SELECT pg_backend_pid()") == pid  # still usable by its holder
+	pool.putconn(conn)
+	assert conn.closed and pool.snapshot()["closed"] == {"pool_closed": 1}
