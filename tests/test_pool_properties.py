@@ -41,6 +41,7 @@ class PoolMachine(RuleBasedStateMachine):
 		self.owner: dict[int, str] = {}  # id(conn) -> site, for every connection ever handed out
 		self.pids: dict[int, int] = {}  # id(conn) -> its backend pid when handed out
 		self.killed: set[int] = set()
+		self.every_conn: list[object] = []
 
 	def config(self) -> PoolConfig:
 		return PoolConfig(size=self.size, timeout=0.05)
@@ -56,6 +57,7 @@ class PoolMachine(RuleBasedStateMachine):
 			assert sum(1 for s, _ in self.held if s == site) >= self.size
 			return
 		assert self.owner.setdefault(id(conn), site) == site
+		self.every_conn.append(conn)  # keeps ids unique: a freed object's id could be reused
 		user = "app1" if site == "prop-a" else "app2"
 		assert scalar(conn, "SELECT current_user") == user
 		self.pids[id(conn)] = backend_pid(conn)

@@ -18,7 +18,14 @@ from .config import DEFAULT_RESET_QUERY
 _POLL_DEAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
-def is_usable(conn: ext.connection) -> bool:
+def socket_poller(conn: ext.connection) -> select.poll:
+	"""A poll object watching the connection's socket; its descriptor never changes, so keep it."""
+	poller = select.poll()
+	poller.register(conn.fileno(), select.POLLIN)
+	return poller
+
+
+def is_usable(conn: ext.connection, poller: select.poll | None = None) -> bool:
 	"""True when an idle connection can be handed out, decided without a round trip.
 
 	`closed` and the transaction status stay "open/idle" after the server went away, but
@@ -27,11 +34,9 @@ def is_usable(conn: ext.connection) -> bool:
 	connection can also be readable for a LISTEN notification or a NOTICE/ParameterStatus;
 	libpq consumes those, so we let it read and only then judge.
 	"""
-	if conn.closed or conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	if conn.closed or conn.status != ext.STATUS_READY:
 		return False
-	poller = select.poll()
-	poller.register(conn.fileno(), select.POLLIN)
-	events = poller.poll(0)
+	events = (poller or socket_poller(conn)).poll(0)
 	if not events:
 		return True
 	if events[0][1] & _POLL_DEAD:
@@ -62,7 +67,12 @@ class SessionDefaults:
 
 	def restore(self, conn: ext.connection) -> None:
 		"""Undo a request's set_session/autocommit changes; client-side only, no round trip."""
-		if SessionDefaults.capture(conn) != self:
+		if (
+			conn.autocommit is not self.autocommit
+			or conn.isolation_level != self.isolation_level
+			or conn.readonly is not self.readonly
+			or conn.deferrable is not self.deferrable
+		):
 			# attribute setters, not set_session(): there None means "leave as is", here "default"
 			conn.autocommit = self.autocommit
 			conn.isolation_level = self.isolation_level
@@ -79,12 +89,13 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 	"START TRANSACTION" after a commit) is covered the same way, since psycopg2 then still
 	believes its own BEGIN is open.
 	"""
+	info = conn.info
 	if conn.status != ext.STATUS_READY:
 		conn.rollback()
-	elif conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	elif info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
 		with conn.cursor() as cur:  # a BEGIN sent as SQL text under autocommit
 			cur.execute("ROLLBACK")
-	if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	if info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
 	if reset_query.strip().upper() == DEFAULT_RESET_QUERY:
 		conn.reset()  # DISCARD ALL; it also resets psycopg2's session characteristics, restored below
@@ -93,8 +104,10 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 		with conn.cursor() as cur:
 			cur.execute(reset_query)
 	defaults.restore(conn)  # client-side only: no round trip for a non-autocommit factory
-	del conn.notices[:]
-	del conn.notifies[:]
+	if conn.notices:
+		del conn.notices[:]
+	if conn.notifies:
+		del conn.notifies[:]
 
 
 def close_quietly(conn: ext.connection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import threading
 import time
 import traceback
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import psycopg2.extensions as ext
 
 from .config import PoolConfig
-from .connection import SessionDefaults, close_quietly, disown, is_usable, reset
+from .connection import SessionDefaults, close_quietly, disown, is_usable, reset, socket_poller
 from .errors import PoolClosed, PoolTimeout
 
 log = logging.getLogger("frappe_pgpool")
@@ -39,6 +40,7 @@ class _Record:
 
 	conn: ext.connection
 	defaults: SessionDefaults
+	poller: select.poll
 	created_at: float
 	expires_at: float
 	returned_at: float = 0.0
@@ -119,7 +121,7 @@ class ConnectionPool:
 			record = self._idle.pop()
 			if now >= record.expires_at:
 				stale.append((record, "lifetime"))
-			elif not is_usable(record.conn):
+			elif not is_usable(record.conn, record.poller):
 				stale.append((record, "dead"))
 			else:
 				return record, stale
@@ -169,6 +171,7 @@ class ConnectionPool:
 		try:
 			conn = connect()
 			defaults = SessionDefaults.capture(conn)
+			poller = socket_poller(conn)
 		except BaseException:
 			with self._lock:
 				self._opening -= 1
@@ -178,7 +181,7 @@ class ConnectionPool:
 		now = self._clock()
 		lifetime = self.config.max_lifetime
 		expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else float("inf")
-		record = _Record(conn, defaults, created_at=now, expires_at=expires)
+		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires)
 		with self._lock:
 			self._opening -= 1
 			self.stats.created += 1
@@ -252,9 +255,10 @@ class ConnectionPool:
 			return "discarded"
 		if conn.closed:
 			return "broken"
-		if conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE:
+		status = conn.info.transaction_status
+		if status == ext.TRANSACTION_STATUS_ACTIVE:
 			return "busy"  # a statement still running: state unknown
-		if conn.info.transaction_status == ext.TRANSACTION_STATUS_UNKNOWN:
+		if status == ext.TRANSACTION_STATUS_UNKNOWN:
 			return "broken"
 		if self._clock() >= record.expires_at:
 			return "lifetime"
