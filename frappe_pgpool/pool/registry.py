@@ -6,6 +6,7 @@ and a process created by fork() starts with no pools: what it inherited is disow
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -127,6 +128,15 @@ def _after_fork_in_child() -> None:
 		reg.after_fork_in_child()
 
 
+def _close_at_exit() -> None:
+	# A clean Terminate on an idle connection lets pgBouncer keep its server connection;
+	# a socket dropped by the kernel at exit looks the same to it, but not to Postgres logs.
+	for reg in list(_registries):
+		if reg._pid == os.getpid():
+			reg.close_all()
+
+
 _registries: weakref.WeakSet[PoolRegistry] = weakref.WeakSet()
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
 registry = PoolRegistry()
