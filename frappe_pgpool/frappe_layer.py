@@ -11,6 +11,8 @@ import threading
 import weakref
 from typing import Any
 
+import psycopg2
+
 from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
 from .pool.connection import set_keepalive
 
@@ -72,6 +74,7 @@ def get_connection(wrapped, instance, args, kwargs):
 		return conn
 
 	conn = registry.getconn(pool_key(site, instance), config, connect)
+	instance._pgpool_first_statement = True
 	# A Database dropped without close() (frappe.connect over an open one, a lost local)
 	# must not keep its slot: discard the connection when the object goes away.
 	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
@@ -88,6 +91,33 @@ def close(wrapped, instance, args, kwargs):
 	_detach_finalizer(conn)
 	registry.putconn(conn)
 	return None
+
+
+def sql(wrapped, instance, args, kwargs):
+	"""Wrapper of Database.sql: retry once when a pooled connection died under its first statement.
+
+	The checkout's liveness check leaves a window (the server can go away between the check and
+	the first statement). A statement that fails because the connection is gone, when it is the
+	first of this checkout and not in autocommit, cannot have committed anything: psycopg2 sent
+	its BEGIN first, and the server rolls back a transaction whose connection dies. So it is run
+	again, once, on a fresh connection. Any later statement's failure is raised as usual.
+	"""
+	if not instance.__dict__.get("_pgpool_first_statement"):
+		return wrapped(*args, **kwargs)
+	try:
+		return wrapped(*args, **kwargs)
+	except psycopg2.OperationalError:
+		conn = instance.__dict__.get("_conn")
+		if conn is None or not conn.closed or conn.autocommit or not registry.owns(conn):
+			raise
+		log.warning("frappe_pgpool: a pooled connection died before its first statement ran; retrying once")
+		instance._cursor = None
+		instance._conn = None
+		_detach_finalizer(conn)
+		registry.putconn(conn, discard=True)
+		return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
+	finally:
+		instance._pgpool_first_statement = False
 
 
 def _detach_finalizer(conn) -> None:

@@ -19,6 +19,7 @@ _lock = threading.Lock()
 _TARGETS = (
 	("frappe.database.postgres.database", "PostgresDatabase", "get_connection", frappe_layer.get_connection),
 	("frappe.database.database", "Database", "close", frappe_layer.close),
+	("frappe.database.database", "Database", "sql", frappe_layer.sql),
 )
 
 

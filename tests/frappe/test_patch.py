@@ -156,3 +156,41 @@ def test_switching_the_pool_off_closes_what_the_process_holds():
 	assert result["first"] == result["second"] != result["off"]
 	assert result["pools_after_off"] == [] and result["alive"] == 0
 	assert result["again"] != result["first"]
+
+
+def test_first_statement_on_a_connection_that_died_after_checkout_is_retried_once():
+	(result,) = run_in_bench(
+		"""
+		import time
+		import frappe, psycopg2
+		from frappe_pgpool.pool import registry
+		def kill(pid):
+			conf = frappe.local.conf
+			admin = psycopg2.connect(host=conf.db_host or "127.0.0.1", port=conf.db_port or 5432, user="postgres", dbname="postgres")
+			admin.autocommit = True
+			admin.cursor().execute("select pg_terminate_backend(%s)", (pid,))
+			admin.close()
+			time.sleep(0.2)
+		frappe.init(site=SITE); frappe.local.conf["db_pool_enabled"] = 1; frappe.connect()
+		first = frappe.db.sql("select pg_backend_pid()")[0][0]
+		frappe.destroy()
+		# checkout passes the liveness check, then the server goes away before the first statement
+		frappe.init(site=SITE); frappe.local.conf["db_pool_enabled"] = 1; frappe.connect()
+		frappe.db.connect()
+		kill(first)
+		second = frappe.db.sql("select pg_backend_pid()")[0][0]
+		# a later statement's failure is never retried
+		kill(second)
+		try:
+			frappe.db.sql("select 1")
+			later = "no error"
+		except psycopg2.OperationalError:
+			later = "raised"
+		frappe.destroy()
+		(pool,) = [p.snapshot() for k, p in registry.pools().items() if k.site == SITE]
+		out(dict(first=first, second=second, later=later, closed=pool["closed"], in_use=pool["in_use"]))
+		"""
+	)
+	assert result["second"] != result["first"]
+	assert result["later"] == "raised"
+	assert result["in_use"] == 0 and result["closed"].get("discarded") == 1
