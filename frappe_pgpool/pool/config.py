@@ -31,11 +31,13 @@ class PoolConfig:
 	size: int = 8
 	# Seconds a checkout waits for a free connection before PoolTimeout.
 	timeout: float = 10.0
-	# Seconds a connection lives at most (minus up to 10% jitter), so pgBouncer/Postgres restarts
-	# that wait for clients can drain. 0 disables.
-	max_lifetime: float = 3600.0
-	# Seconds a connection may sit idle in the pool; keep below pgBouncer's client_idle_timeout. 0 disables.
-	max_idle: float = 300.0
+	# Seconds a connection lives at most (minus up to 10% jitter). In session mode pgBouncer's PAUSE,
+	# RECONNECT and safe shutdown (SIGINT) wait until every client leaves: this bounds that wait for
+	# busy workers, at the cost of one login per connection per period. 0 disables.
+	max_lifetime: float = 600.0
+	# Seconds a connection may sit idle before it is closed (by the reaper thread within a second);
+	# bounds the same wait for quiet workers. Keep below pgBouncer's client_idle_timeout. 0 disables.
+	max_idle: float = 60.0
 	# Sent when a connection comes back, after the rollback. "" sends nothing more (only for apps that
 	# never change session state); any other SQL runs in autocommit, which costs a second round trip.
 	reset_query: str = DEFAULT_RESET_QUERY

@@ -1,9 +1,10 @@
 """A bounded, thread-safe, LIFO pool of psycopg2 connections for one connection identity.
 
-No Frappe import. The pool never prefills and has no background thread: connections are
-opened on demand by the `connect` callable the caller passes to `getconn` (in Frappe, the
-original `get_connection`, so whatever it sets up is kept), and stale ones are pruned when
-the pool is used.
+No Frappe import. The pool never prefills: connections are opened on demand by the `connect`
+callable the caller passes to `getconn` (in Frappe, the original `get_connection`, so whatever
+it sets up is kept). Stale idle connections are pruned when the pool is used, and by
+`maintain()`, which the registry's reaper thread calls, so that a process that gets no more
+traffic still lets go of them (pgBouncer's PAUSE and safe shutdown wait for every client).
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ class ConnectionPool:
 			stale.append((self._idle.pop(0), "idle"))
 		return stale
 
+	def maintain(self) -> int:
+		"""Close idle connections past max_idle or max_lifetime, or found dead. Returns how many."""
+		with self._lock:
+			if self._closed:
+				return 0
+			now = self._clock()
+			stale = self._prune_idle(now)
+			keep = []
+			for record in self._idle:
+				if now >= record.expires_at:
+					stale.append((record, "lifetime"))
+				elif not is_usable(record.conn, record.poller):
+					stale.append((record, "dead"))
+				else:
+					keep.append(record)
+			self._idle = keep
+		self._close_records(stale)
+		return len(stale)
+
 	def _hand_out(self, record: _Record) -> None:
 		record.checked_out_at = self._clock()
 		record.leak_reported = False
@@ -179,9 +199,7 @@ class ConnectionPool:
 				self._grant_slot()
 			raise
 		now = self._clock()
-		lifetime = self.config.max_lifetime
-		expires = now + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else float("inf")
-		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires)
+		record = _Record(conn, defaults, poller, created_at=now, expires_at=self._expiry(now))
 		with self._lock:
 			self._opening -= 1
 			self.stats.created += 1
@@ -195,6 +213,10 @@ class ConnectionPool:
 			close_quietly(conn)
 			raise PoolClosed(f"frappe_pgpool: pool {self.name} closed while connecting")
 		return conn
+
+	def _expiry(self, created_at: float) -> float:
+		lifetime = self.config.max_lifetime
+		return created_at + lifetime * (1 - random.uniform(0, LIFETIME_JITTER)) if lifetime else float("inf")
 
 	# -- return -----------------------------------------------------------------------------
 
@@ -299,7 +321,11 @@ class ConnectionPool:
 	def reconfigure(self, config: PoolConfig) -> None:
 		"""Apply new settings in place (site_config changed); no restart, nothing dropped in use."""
 		with self._lock:
+			lifetime_changed = config.max_lifetime != self.config.max_lifetime
 			self.config = config
+			if lifetime_changed:  # applies to the connections already open, not only to new ones
+				for record in [*self._idle, *self._in_use.values()]:
+					record.expires_at = self._expiry(record.created_at)
 			excess = max(0, self._total() - config.size)
 			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
 			while self._waiters and self._total() < config.size:

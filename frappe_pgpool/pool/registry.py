@@ -49,11 +49,13 @@ class PoolKey:
 
 
 class PoolRegistry:
-	def __init__(self) -> None:
+	def __init__(self, reap_interval: float = 1.0) -> None:
 		self._lock = threading.Lock()
 		self._pools: dict[PoolKey, ConnectionPool] = {}
 		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
 		self._pid = os.getpid()
+		self.reap_interval = reap_interval  # 0: no reaper thread, idle connections pruned on use only
+		self._reaper: _Reaper | None = None
 		_registries.add(self)
 
 	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
@@ -84,6 +86,7 @@ class PoolRegistry:
 				pool = self._pools.get(key)
 				if pool is None:
 					pool = self._pools[key] = ConnectionPool(key.label, config)
+					self._ensure_reaper()
 		if pool.config is not config and pool.config != config:
 			pool.reconfigure(config)
 		return pool
@@ -101,10 +104,23 @@ class PoolRegistry:
 			pool.close()
 		return len(pools)
 
+	def maintain(self) -> int:
+		"""Prune every pool's stale idle connections (the reaper does this every reap_interval)."""
+		return sum(pool.maintain() for pool in self.pools().values())
+
+	def _ensure_reaper(self) -> None:
+		# Under self._lock. Threads do not survive fork(): a child starts its own on first use.
+		if self.reap_interval and (self._reaper is None or not self._reaper.is_alive()):
+			self._reaper = _Reaper(self, self.reap_interval)
+			self._reaper.start()
+
 	def close_all(self) -> None:
 		with self._lock:
 			pools = list(self._pools.values())
 			self._pools.clear()
+			if self._reaper is not None:
+				self._reaper.stop.set()
+				self._reaper = None
 		for pool in pools:
 			pool.close()
 
@@ -115,12 +131,38 @@ class PoolRegistry:
 		self._pools = {}
 		self._owner = {}
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
+		self._reaper = None  # the parent's thread does not exist here
 		self._pid = os.getpid()
 
 	def _check_pid(self) -> None:
 		# register_at_fork covers os.fork(); this catches forks it does not see.
 		if self._pid != os.getpid():
 			self.after_fork_in_child()
+
+
+class _Reaper(threading.Thread):
+	"""Daemon thread that prunes idle connections while the process gets no traffic.
+
+	Holds only a weak reference, so a dropped registry ends its thread.
+	"""
+
+	def __init__(self, reg: PoolRegistry, interval: float) -> None:
+		super().__init__(name="frappe_pgpool-reaper", daemon=True)
+		self.registry = weakref.ref(reg)
+		self.interval = interval
+		self.pid = os.getpid()
+		self.stop = threading.Event()
+
+	def run(self) -> None:
+		while not self.stop.wait(self.interval):
+			reg = self.registry()
+			if reg is None or reg._pid != self.pid or reg._reaper is not self:
+				return
+			try:
+				reg.maintain()
+			except Exception:  # never let the thread die on a surprise; the next round retries
+				log.exception("frappe_pgpool: reaper round failed")
+			del reg
 
 
 def _after_fork_in_child() -> None:

@@ -1,0 +1,195 @@
+"""Faults injected while threads keep checking out, querying and returning: after the server is
+back, no request fails, and nothing leaks. Prints the figures the README's reliability table uses."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from frappe_pgpool.pool import PoolConfig
+from frappe_pgpool.testing.cluster import PgBouncer
+from frappe_pgpool.testing.proxy import StallingProxy
+
+from .conftest import USERS, frappe_like_factory, key_for, scalar
+
+
+class Load:
+	"""Threads running Frappe-like units of work on one pool, counting outcomes by phase."""
+
+	def __init__(
+		self, registry, bouncer, site: str, threads: int = 4, config: PoolConfig | None = None
+	) -> None:
+		self.registry, self.key = registry, key_for(bouncer=bouncer, site=site)
+		self.config = config or PoolConfig(size=3, timeout=5)
+		self.connect = frappe_like_factory(bouncer)
+		self.phase = "before"
+		self.counts: dict[str, dict[str, int]] = {}
+		self.errors: dict[str, set[str]] = {}
+		self.lock = threading.Lock()
+		self.stop = threading.Event()
+		self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+	def _run(self) -> None:
+		while not self.stop.is_set():
+			phase = self.phase
+			outcome = "ok"
+			try:
+				conn = self.registry.getconn(self.key, self.config, self.connect)
+				try:
+					scalar(conn, "SELECT count(*) FROM pg_class")
+				finally:
+					self.registry.putconn(conn)
+			except psycopg2.Error as e:
+				outcome = "failed"
+				with self.lock:
+					self.errors.setdefault(phase, set()).add(str(e).strip().splitlines()[0][:120])
+			with self.lock:
+				bucket = self.counts.setdefault(phase, {"ok": 0, "failed": 0})
+				bucket[outcome] += 1
+			time.sleep(0.002)
+
+	def __enter__(self) -> Load:
+		for t in self.threads:
+			t.start()
+		time.sleep(0.3)
+		return self
+
+	def __exit__(self, *exc: object) -> None:
+		self.stop.set()
+		for t in self.threads:
+			t.join(30)
+
+	def after(self, bouncer: PgBouncer, seconds: float = 1.0) -> dict[str, int]:
+		"""Count from the moment a fresh client is served again (pgBouncer reconnected upstream)."""
+		deadline = time.monotonic() + 30
+		while True:
+			try:
+				conn = self.connect()
+				scalar(conn, "SELECT 1")
+				conn.close()
+				break
+			except psycopg2.Error:
+				if time.monotonic() > deadline:
+					raise
+				time.sleep(0.05)
+		self.phase = "after"
+		time.sleep(seconds)
+		return self.counts.get("after", {})
+
+
+FAULTS = [
+	"pgbouncer SIGINT restart",
+	"pgbouncer SIGTERM restart",
+	"postgres restart",
+	"terminate backends",
+	"admin KILL",
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_no_request_fails_once_the_server_is_back(cluster, registry, fault, capsys):
+	# A short max_lifetime lets pgBouncer's safe shutdown (SIGINT waits for clients to leave) drain.
+	config = PoolConfig(size=3, timeout=5, max_lifetime=2)
+	with (
+		PgBouncer(cluster, users=USERS) as bouncer,
+		Load(registry, bouncer, f"load-{fault}", config=config) as load,
+	):
+		load.phase = "during"
+		started = time.monotonic()
+		if fault.startswith("pgbouncer"):
+			sig = signal.SIGINT if "SIGINT" in fault else signal.SIGTERM
+			bouncer.stop(sig, timeout=10)
+			stopped_by_itself = bouncer.proc.returncode != -signal.SIGKILL
+			bouncer.start()
+		elif fault == "postgres restart":
+			cluster.restart()
+		elif fault == "terminate backends":
+			cluster.terminate_backends(usename="app1")
+		else:
+			bouncer.admin("KILL app1")
+			bouncer.admin("RESUME app1")
+		fault_seconds = time.monotonic() - started
+		after = load.after(bouncer, 1.5)
+	stats = registry.pool(load.key, load.config).snapshot()
+	with capsys.disabled():
+		print(
+			f"\n{fault:26} {fault_seconds:5.2f}s {load.counts} closed={stats['closed']} errors={load.errors}"
+		)
+	assert after["failed"] == 0 and after["ok"] > 50
+	assert stats["in_use"] == 0 and stats["size"] <= load.config.size
+	if fault.startswith("pgbouncer"):
+		assert stopped_by_itself, "pgBouncer's shutdown did not complete: pooled clients never left"
+
+
+def test_pause_drains_within_max_lifetime_and_fails_nothing(cluster, registry, capsys):
+	"""In session mode PAUSE waits until every client leaves; pooled clients leave at max_lifetime."""
+	config = PoolConfig(size=3, timeout=5, max_lifetime=1.5)
+	with (
+		PgBouncer(cluster, users=USERS) as bouncer,
+		Load(registry, bouncer, "load-pause", config=config) as load,
+	):
+		load.phase = "during"
+		started = time.monotonic()
+		bouncer.admin("PAUSE app1")
+		drained = time.monotonic() - started
+		time.sleep(0.3)  # paused: new logins wait inside pgBouncer
+		bouncer.admin("RESUME app1")
+		load.after(bouncer, 1.0)
+	with capsys.disabled():
+		print(f"\nPAUSE under load drained in {drained:.2f}s  {load.counts}")
+	assert drained < 1.5 + 1.0
+	assert sum(c["failed"] for c in load.counts.values()) == 0
+
+
+def test_pause_drains_a_quiet_process_within_max_idle(cluster, registry):
+	"""No traffic at all: the reaper thread closes idle connections, so PAUSE completes."""
+	with PgBouncer(cluster, users=USERS) as bouncer:
+		key = key_for(bouncer=bouncer, site="quiet")
+		config = PoolConfig(size=2, max_idle=1.0)
+		conns = [registry.getconn(key, config, frappe_like_factory(bouncer)) for _ in range(2)]
+		for conn in conns:
+			registry.putconn(conn)
+		started = time.monotonic()
+		bouncer.admin("PAUSE app1")
+		assert time.monotonic() - started < 1.0 + 2 * registry.reap_interval + 0.5
+		bouncer.admin("RESUME app1")
+		stats = registry.pool(key, config).snapshot()
+		assert stats["size"] == 0 and stats["closed"] == {"idle": 2}
+
+
+def test_network_stall_never_blocks_a_checkout_forever(cluster, registry):
+	with PgBouncer(cluster, users=USERS) as bouncer, StallingProxy(bouncer.host, bouncer.port) as proxy:
+		key = key_for(bouncer=bouncer, site="stall")
+		config = PoolConfig(size=1, timeout=0.5)
+
+		def connect():
+			conn = psycopg2.connect(
+				bouncer.dsn("app1", USERS["app1"], "app1", port=proxy.port, connect_timeout=2)
+			)
+			return conn
+
+		registry.putconn(registry.getconn(key, config, connect))
+		proxy.stall()
+		# the idle connection looks alive (nothing arrives on a stalled link): checkout is instant
+		started = time.monotonic()
+		conn = registry.getconn(key, config, connect)
+		assert time.monotonic() - started < 0.1
+		# a second caller waits at most db_pool_timeout
+		started = time.monotonic()
+		with pytest.raises(psycopg2.OperationalError):
+			registry.getconn(key, config, connect)
+		assert time.monotonic() - started < 1.5
+		registry.putconn(conn, discard=True)
+		# a new connection through the stalled link fails within connect_timeout
+		started = time.monotonic()
+		with pytest.raises(psycopg2.OperationalError):
+			registry.getconn(key, config, connect)
+		assert time.monotonic() - started < 4
+		proxy.resume()
+		conn = registry.getconn(key, config, connect)
+		assert scalar(conn, "SELECT 1") == 1
+		registry.putconn(conn)
