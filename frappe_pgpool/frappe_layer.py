@@ -15,6 +15,7 @@ import psycopg2
 
 from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
 from .pool.connection import set_keepalive
+from .publish import Publisher
 
 log = logging.getLogger("frappe_pgpool")
 
@@ -23,6 +24,9 @@ _config_cache: dict[str, tuple[tuple, PoolConfig | None]] = {}
 _config_lock = threading.Lock()
 # id(conn) -> finalizer on the Database that checked it out, detached when it comes back
 _finalizers: dict[int, weakref.finalize] = {}
+# libpq options for the pooled connection this thread is opening right now (see psycopg2_connect)
+_connect_options = threading.local()
+publisher = Publisher(registry)
 
 
 def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
@@ -67,18 +71,46 @@ def get_connection(wrapped, instance, args, kwargs):
 		return wrapped(*args, **kwargs)
 
 	def connect():
-		# libpq reads PGCONNECT_TIMEOUT when the DSN has no connect_timeout; Frappe's has none.
-		os.environ.setdefault("PGCONNECT_TIMEOUT", str(config.connect_timeout))
-		conn = wrapped(*args, **kwargs)
+		_connect_options.value = {
+			"application_name": application_name(site),
+			"connect_timeout": config.connect_timeout,  # Frappe's DSN has none: libpq would wait forever
+		}
+		try:
+			conn = wrapped(*args, **kwargs)
+		finally:
+			_connect_options.value = None
 		set_keepalive(conn)
 		return conn
 
 	conn = registry.getconn(pool_key(site, instance), config, connect)
+	publisher.configure(frappe.local.conf.get("redis_cache"))
 	instance._pgpool_first_statement = True
 	# A Database dropped without close() (frappe.connect over an open one, a lost local)
 	# must not keep its slot: discard the connection when the object goes away.
 	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
 	return conn
+
+
+def application_name(site: str) -> str:
+	"""Shown by pg_stat_activity and pgBouncer's SHOW CLIENTS: which site and process holds it."""
+	suffix = f":{os.getpid()}"
+	return "frappe:" + site[: 63 - len("frappe:") - len(suffix)] + suffix  # NAMEDATALEN - 1
+
+
+def psycopg2_connect(wrapped, instance, args, kwargs):
+	"""Wrapper of psycopg2.connect: adds our libpq options while the pool opens a connection.
+
+	Frappe's get_connection builds its own arguments; a thread-local set around the call lets
+	each pooled connection carry its site's application_name and connect_timeout without a
+	process-wide environment variable (threads of a gthread worker connect for different sites).
+	Any other caller, or an option the caller set itself, is left alone.
+	"""
+	options = getattr(_connect_options, "value", None)
+	if options:
+		dsn = args[0] if args else kwargs.get("dsn")
+		given = set(psycopg2.extensions.parse_dsn(dsn)) if dsn else set()
+		kwargs = {**{k: v for k, v in options.items() if k not in given}, **kwargs}
+	return wrapped(*args, **kwargs)
 
 
 def close(wrapped, instance, args, kwargs):

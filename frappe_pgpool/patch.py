@@ -15,21 +15,23 @@ from . import frappe_layer
 
 _lock = threading.Lock()
 
-# (module path, class name, attribute) -> the wrapper function we put there
+# (module path, class name or None for the module itself, attribute) -> the wrapper we put there
 _TARGETS = (
+	("psycopg2", None, "connect", frappe_layer.psycopg2_connect),
 	("frappe.database.postgres.database", "PostgresDatabase", "get_connection", frappe_layer.get_connection),
 	("frappe.database.database", "Database", "close", frappe_layer.close),
 	("frappe.database.database", "Database", "sql", frappe_layer.sql),
 )
 
 
-def _find(module_name: str, class_name: str):
+def _find(module_name: str, class_name: str | None):
 	import importlib
 
-	return getattr(importlib.import_module(module_name), class_name)
+	module = importlib.import_module(module_name)
+	return module if class_name is None else getattr(module, class_name)
 
 
-def _our_wrapper(cls: type, attr: str, wrapper) -> wrapt.FunctionWrapper | None:
+def _our_wrapper(cls: object, attr: str, wrapper) -> wrapt.FunctionWrapper | None:
 	"""Our FunctionWrapper on cls.attr, outermost or anywhere down the chain."""
 	current = cls.__dict__.get(attr)
 	while current is not None:

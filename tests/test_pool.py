@@ -11,7 +11,7 @@ import pytest
 
 from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolTimeout
 
-from .conftest import backend_pid, frappe_like_factory, key_for, scalar
+from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
 
 
 def unit_of_work(conn: ext.connection, sql: str = "SELECT 1") -> None:
@@ -106,6 +106,7 @@ SESSION_STATE = [
 	("PREPARE plan1 AS SELECT 1", "SELECT count(*) FROM pg_prepared_statements", 0),
 	("DECLARE held CURSOR WITH HOLD FOR SELECT 1", "SELECT count(*) FROM pg_cursors", 0),
 	("SET TIME ZONE 'Asia/Kolkata'", "SHOW TimeZone", None),
+	("SET application_name = 'hijacked'", "SHOW application_name", None),
 ]
 
 
@@ -131,6 +132,34 @@ def test_session_state_does_not_leak_into_the_next_checkout(
 	assert backend_pid(conn) == pid  # the same connection, reset, not a new one
 	assert scalar(conn, probe) == clean
 	registry.putconn(conn)
+
+
+def test_application_name_survives_the_reset_through_pgbouncer(bouncer, cluster, registry, config):
+	"""pgBouncer applies a client's application_name with a SET, which RESET ALL would wipe."""
+
+	def connect():
+		conn = psycopg2.connect(
+			bouncer.dsn("app1", USERS["app1"], "app1", application_name="frappe:site-a:42")
+		)
+		conn.set_isolation_level(ext.ISOLATION_LEVEL_REPEATABLE_READ)
+		return conn
+
+	key = key_for(bouncer=bouncer, site="appname")
+	for _ in range(3):
+		conn = registry.getconn(key, config, connect)
+		unit_of_work(conn, "SET application_name = 'someone else'")
+		pid = backend_pid(conn)
+		registry.putconn(conn)
+	conn = registry.getconn(key, config, connect)
+	assert scalar(conn, "SHOW application_name") == "frappe:site-a:42"
+	assert scalar(conn, "SHOW transaction_isolation") == "repeatable read"
+	registry.putconn(conn)
+	(row,) = [b for b in cluster.backends("app1") if b["pid"] == pid]
+	assert row["application_name"] == "frappe:site-a:42"
+	names = {
+		c["application_name"] for c in bouncer.clients() if c["user"] == "app1" and c["database"] == "app1"
+	}
+	assert "frappe:site-a:42" in names
 
 
 def test_discard_or_unknown_state_is_never_reused(bouncer, registry, config):

@@ -12,10 +12,27 @@ from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions as ext
+from psycopg2 import sql
 
 from .config import DEFAULT_RESET_QUERY
 
 _POLL_DEAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+# What DISCARD ALL does (PostgreSQL docs), as statements that may share one multi-statement
+# query. DISCARD ALL itself may not, and its RESET ALL wipes application_name: through pgBouncer
+# that name is a SET made when pgBouncer links a server, not a startup value RESET goes back to.
+# Spelled out, the reset and putting the name back cost one round trip together.
+DISCARD_ALL_STATEMENTS = (
+	"CLOSE ALL",
+	"SET SESSION AUTHORIZATION DEFAULT",
+	"RESET ALL",
+	"DEALLOCATE ALL",
+	"UNLISTEN *",
+	"SELECT pg_advisory_unlock_all()",
+	"DISCARD PLANS",
+	"DISCARD TEMP",
+	"DISCARD SEQUENCES",
+)
 
 
 def socket_poller(conn: ext.connection) -> select.poll:
@@ -60,10 +77,12 @@ class SessionDefaults:
 	isolation_level: int | None
 	readonly: bool | None
 	deferrable: bool | None
+	application_name: str = ""  # as the server reported it at connect time
 
 	@classmethod
 	def capture(cls, conn: ext.connection) -> SessionDefaults:
-		return cls(conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+		name = conn.info.parameter_status("application_name") or ""
+		return cls(conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable, name)
 
 	def restore(self, conn: ext.connection) -> None:
 		"""Undo a request's set_session/autocommit changes; client-side only, no round trip."""
@@ -97,17 +116,34 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 			cur.execute("ROLLBACK")
 	if info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
-	if reset_query.strip().upper() == DEFAULT_RESET_QUERY:
-		conn.reset()  # DISCARD ALL; it also resets psycopg2's session characteristics, restored below
-	elif reset_query:
-		conn.autocommit = True  # no BEGIN around the reset
+	statements = _reset_statements(reset_query)
+	if statements:
+		if defaults.application_name:
+			statements.append(
+				sql.SQL("SET application_name TO {}").format(sql.Literal(defaults.application_name))
+			)
+		# Autocommit, so that psycopg2 sends no BEGIN around the reset. Toggling it costs no round
+		# trip only while the session characteristics are at their defaults (else psycopg2 SETs them).
+		conn.isolation_level = None
+		conn.readonly = None
+		conn.deferrable = None
+		conn.autocommit = True
 		with conn.cursor() as cur:
-			cur.execute(reset_query)
+			cur.execute(sql.SQL("; ").join(statements))
 	defaults.restore(conn)  # client-side only: no round trip for a non-autocommit factory
 	if conn.notices:
 		del conn.notices[:]
 	if conn.notifies:
 		del conn.notifies[:]
+
+
+def _reset_statements(reset_query: str) -> list[sql.Composable]:
+	query = reset_query.strip().rstrip(";")
+	if not query:
+		return []
+	if query.upper() == DEFAULT_RESET_QUERY:
+		return [sql.SQL(statement) for statement in DISCARD_ALL_STATEMENTS]
+	return [sql.SQL(query)]
 
 
 def close_quietly(conn: ext.connection) -> None:
@@ -143,6 +179,9 @@ def set_keepalive(conn: ext.connection, idle: int = 30, interval: int = 10, coun
 
 	libpq turns keepalives on with the kernel's defaults (2 hours idle); options are per
 	socket, so setting them on a dup of the descriptor changes the connection's socket.
+	TCP_USER_TIMEOUT bounds the other case, a statement sent into a silent network: unacknowledged
+	data makes the kernel drop the connection after the same time instead of ~15 minutes of
+	retransmissions. A long-running query is not affected (the server's kernel acknowledges it).
 	"""
 	try:
 		sock = socket.socket(fileno=os.dup(conn.fileno()))  # detects the real family
@@ -155,6 +194,8 @@ def set_keepalive(conn: ext.connection, idle: int = 30, interval: int = 10, coun
 		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
 		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
 		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+		if hasattr(socket, "TCP_USER_TIMEOUT"):
+			sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
 	except OSError:
 		pass
 	finally:
