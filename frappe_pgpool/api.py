@@ -1,4 +1,4 @@
-"""Whitelisted endpoints (System Manager only): what this worker process's pool is doing."""
+"""Whitelisted endpoints, System Manager only: the pools of this site, as JSON or Prometheus text."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 
 import frappe
 
+from . import observe, publish
 from .patch import is_installed
 from .pool import registry
 
@@ -15,8 +16,8 @@ def status() -> dict:
 	"""This process's pools for the current site, and which server session serves this request."""
 	frappe.only_for("System Manager")
 	site = frappe.local.site
-	backend_pid, current_user, current_database = frappe.db.sql(
-		"select pg_backend_pid(), current_user, current_database()"
+	backend_pid, current_user, current_database, application_name = frappe.db.sql(
+		"select pg_backend_pid(), current_user, current_database(), current_setting('application_name')"
 	)[0]
 	return {
 		"site": site,
@@ -24,6 +25,29 @@ def status() -> dict:
 		"backend_pid": backend_pid,
 		"current_user": current_user,
 		"current_database": current_database,
+		"application_name": application_name,
 		"patch_installed": is_installed(),
 		"pools": [pool.snapshot() for key, pool in registry.pools().items() if key.site == site],
+		"processes": _processes(site),  # what `bench --site S pgpool status --json` prints
 	}
+
+
+@frappe.whitelist(methods=["GET"])
+def metrics():
+	"""Prometheus text exposition of every live process's pool counters for this site."""
+	from werkzeug.wrappers import Response
+
+	frappe.only_for("System Manager")
+	text = observe.render_prometheus(_processes(frappe.local.site))
+	return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _processes(site: str) -> list[dict]:
+	"""Published reports of all processes; this process's own view replaces its (older) published one."""
+	mine = observe.reports(registry, site)
+	try:
+		published = publish.collect(frappe.conf.redis_cache, site)
+	except Exception:
+		published = []
+	pid_host = {(r["host"], r["pid"]) for r in mine}
+	return mine + [r for r in published if (r["host"], r["pid"]) not in pid_host]

@@ -193,3 +193,4 @@ def test_network_stall_never_blocks_a_checkout_forever(cluster, registry):
 		conn = registry.getconn(key, config, connect)
 		assert scalar(conn, "SELECT 1") == 1
 		registry.putconn(conn)
+		assert registry.pool(key, config).snapshot()["in_use"] == 0

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg2.extensions as ext
@@ -56,6 +57,8 @@ class PoolRegistry:
 		self._pid = os.getpid()
 		self.reap_interval = reap_interval  # 0: no reaper thread, idle connections pruned on use only
 		self._reaper: _Reaper | None = None
+		# called after each reaper round (the Frappe layer publishes stats from here)
+		self.listeners: list[Callable[[], None]] = []
 		_registries.add(self)
 
 	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
@@ -158,10 +161,11 @@ class _Reaper(threading.Thread):
 			reg = self.registry()
 			if reg is None or reg._pid != self.pid or reg._reaper is not self:
 				return
-			try:
-				reg.maintain()
-			except Exception:  # never let the thread die on a surprise; the next round retries
-				log.exception("frappe_pgpool: reaper round failed")
+			for task in (reg.maintain, *reg.listeners):
+				try:
+					task()
+				except Exception:  # never let the thread die on a surprise; the next round retries
+					log.exception("frappe_pgpool: reaper round failed")
 			del reg
 
 

@@ -80,6 +80,8 @@ def test_sync_workers_log_in_once_per_worker_and_reuse_backends(env):
 	assert logins <= len(workers) * 1  # workers x sites (today: one per request)
 	assert all(len(pids) == 1 for pids in by_worker.values())  # consecutive requests: same backend
 	assert set().union(*by_worker.values()) <= set(long_lived)
+	# pg_stat_activity / SHOW CLIENTS tell which site and process holds each connection
+	assert all(s["application_name"] == f"frappe:{SITE}:{s['process_id']}" for s in [first, *warm, *seen])
 
 
 def test_gthread_workers_never_exceed_the_pool_size(env):

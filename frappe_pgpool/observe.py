@@ -1,0 +1,162 @@
+"""Rendering of pool reports: a table like pgBouncer's SHOW POOLS, and Prometheus text.
+
+No Frappe import. A report is one process's view of one site:
+{"site", "host", "pid", "role", "reported_at", "pools": [ConnectionPool.snapshot(), ...]}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable
+
+from .pool import PoolRegistry
+
+
+def process_role(argv: list[str] | None = None) -> str:
+	"""web, worker, scheduler or other: what kind of Frappe process this is, from its command line."""
+	words = " ".join(argv if argv is not None else sys.argv)
+	if "gunicorn" in words or "frappe.app" in words or "serve" in words.split():
+		return "web"
+	if "schedule" in words:
+		return "scheduler"
+	if "worker" in words or "rq" in words.split():
+		return "worker"
+	return "other"
+
+
+def reports(registry: PoolRegistry, site: str | None = None) -> list[dict]:
+	"""This process's reports, one per site it pools (or only `site`)."""
+	by_site: dict[str, list[dict]] = {}
+	for key, pool in registry.pools().items():
+		if site is None or key.site == site:
+			by_site.setdefault(key.site, []).append(pool.snapshot())
+	base = {
+		"host": socket.gethostname(),
+		"pid": os.getpid(),
+		"role": process_role(),
+		"reported_at": time.time(),
+	}
+	return [{**base, "site": name, "pools": pools} for name, pools in sorted(by_site.items())]
+
+
+COLUMNS = (
+	("host", 12),
+	("pid", 7),
+	("role", 9),
+	("size", 6),
+	("in_use", 6),
+	("idle", 5),
+	("wait", 5),
+	("checkouts", 10),
+	("created", 8),
+	("closed (by reason)", 28),
+	("wait ms p50/p95/p99", 20),
+	("oldest", 7),
+)
+
+
+def render_table(items: Iterable[dict], now: float | None = None) -> str:
+	"""One line per process and pool, and a total."""
+	now = time.time() if now is None else now
+	lines = ["  ".join(name.ljust(width) for name, width in COLUMNS).rstrip()]
+	total = {"size": 0, "max": 0, "in_use": 0, "idle": 0, "waiting": 0, "checkouts": 0, "created": 0}
+	for report in sorted(items, key=lambda r: (r["site"], r["host"], r["pid"])):
+		for pool in report["pools"]:
+			closed = ", ".join(f"{k}={v}" for k, v in sorted(pool["closed"].items())) or "-"
+			waits = "/".join(f"{pool[f'wait_seconds_{q}'] * 1000:.1f}" for q in ("p50", "p95", "p99"))
+			cells = (
+				report["host"][:12],
+				report["pid"],
+				report["role"],
+				f"{pool['size']}/{pool['max_size']}",
+				pool["in_use"],
+				pool["idle"],
+				pool["waiting"],
+				pool["checkouts"],
+				pool["created"],
+				closed,
+				waits,
+				f"{pool['oldest_connection_seconds']:.0f}s",
+			)
+			lines.append(
+				"  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
+			)
+			for field in ("size", "in_use", "idle", "waiting", "checkouts", "created"):
+				total[field] += pool[field]
+			total["max"] += pool["max_size"]
+	lines.append(
+		f"total: {total['size']}/{total['max']} connections, {total['in_use']} in use, {total['idle']} idle, "
+		f"{total['waiting']} waiting; {total['checkouts']} checkouts, {total['created']} created"
+	)
+	return "\n".join(lines)
+
+
+_METRICS = (
+	# (name, type, help, field or None for special handling)
+	("frappe_pgpool_connections", "gauge", "Connections held by the pool, by state.", None),
+	("frappe_pgpool_max_size", "gauge", "db_pool_size: most connections this pool may hold.", "max_size"),
+	("frappe_pgpool_waiting", "gauge", "Checkouts waiting for a free connection.", "waiting"),
+	("frappe_pgpool_checkouts_total", "counter", "Connections handed out.", "checkouts"),
+	("frappe_pgpool_connections_created_total", "counter", "Connections opened (logins).", "created"),
+	("frappe_pgpool_connections_closed_total", "counter", "Connections closed, by reason.", None),
+	(
+		"frappe_pgpool_connect_errors_total",
+		"counter",
+		"Failed attempts to open a connection.",
+		"connect_errors",
+	),
+	("frappe_pgpool_timeouts_total", "counter", "Checkouts that gave up after db_pool_timeout.", "timeouts"),
+	("frappe_pgpool_waits_total", "counter", "Checkouts that had to wait.", "waits"),
+	(
+		"frappe_pgpool_wait_seconds_total",
+		"counter",
+		"Time spent waiting for a connection.",
+		"wait_seconds_total",
+	),
+	("frappe_pgpool_wait_seconds", "gauge", "Recent wait time percentiles (last 1024 waits).", None),
+	(
+		"frappe_pgpool_oldest_connection_seconds",
+		"gauge",
+		"Age of the oldest connection.",
+		"oldest_connection_seconds",
+	),
+)
+
+
+def _labels(**labels: object) -> str:
+	def escape(value: object) -> str:
+		return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+	return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def render_prometheus(items: Iterable[dict]) -> str:
+	"""Prometheus text exposition format 0.0.4, one series per process and pool."""
+	items = list(items)
+	out: list[str] = []
+	for name, kind, help_text, field in _METRICS:
+		out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+		for report in items:
+			for pool in report["pools"]:
+				base = {
+					"site": report["site"],
+					"host": report["host"],
+					"pid": report["pid"],
+					"role": report["role"],
+				}
+				if name == "frappe_pgpool_connections":
+					for state in ("idle", "in_use", "opening"):
+						out.append(f"{name}{_labels(**base, state=state)} {pool[state]}")
+				elif name == "frappe_pgpool_connections_closed_total":
+					for reason, count in sorted(pool["closed"].items()):
+						out.append(f"{name}{_labels(**base, reason=reason)} {count}")
+				elif name == "frappe_pgpool_wait_seconds":
+					for q in ("0.5", "0.95", "0.99"):
+						value = pool[f"wait_seconds_p{round(float(q) * 100)}"]
+						out.append(f"{name}{_labels(**base, quantile=q)} {value:.6f}")
+				else:
+					out.append(f"{name}{_labels(**base)} {pool[field]}")
+	return "\n".join(out) + "\n"

@@ -1,0 +1,94 @@
+"""Every process publishes its pool reports to Redis, with a TTL, so that one command sees them all.
+
+Keys: frappe_pgpool:stats:<site>:<host>:<pid>, refreshed every PUBLISH_INTERVAL seconds by the
+registry's reaper thread, expiring TTL seconds after a process stops (or dies). Redis is the
+bench's redis_cache; a Redis that is down costs one log line, never a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from . import observe
+from .pool import PoolRegistry
+
+log = logging.getLogger("frappe_pgpool")
+
+PREFIX = "frappe_pgpool:stats:"
+PUBLISH_INTERVAL = 5.0
+TTL = 20
+
+
+def _client(url: str):
+	import redis  # a dependency of Frappe itself
+
+	return redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+
+
+class Publisher:
+	def __init__(self, registry: PoolRegistry) -> None:
+		self.registry = registry
+		self.url: str | None = None
+		self._client = None
+		self._last = 0.0
+		self._failing = False
+		self._lock = threading.Lock()
+
+	def configure(self, url: str | None) -> None:
+		"""Called on each pooled checkout with the bench's redis_cache URL; cheap when unchanged."""
+		if url and url != self.url:
+			with self._lock:
+				self.url, self._client, self._last = url, None, 0.0
+			if self not in self.registry.listeners:
+				self.registry.listeners.append(self)
+
+	def __call__(self) -> None:
+		"""A reaper round: publish if the interval has passed."""
+		now = time.monotonic()
+		if self.url is None or now - self._last < PUBLISH_INTERVAL:
+			return
+		self._last = now
+		self.publish()
+
+	def publish(self) -> int:
+		items = observe.reports(self.registry)
+		try:
+			with self._lock:
+				if self._client is None:
+					self._client = _client(self.url)
+				client = self._client
+			pipe = client.pipeline(transaction=False)
+			for report in items:
+				pipe.set(_key(report["site"], report["host"], report["pid"]), json.dumps(report), ex=TTL)
+			pipe.execute()
+		except Exception as e:  # stats are best effort; a request never pays for them
+			if not self._failing:
+				log.warning("frappe_pgpool: cannot publish pool stats to %s: %s", _safe(self.url), e)
+			self._failing = True
+			return 0
+		self._failing = False
+		return len(items)
+
+
+def collect(url: str, site: str | None = None) -> list[dict]:
+	"""The live reports of every process (of one site), as published."""
+	client = _client(url)
+	pattern = f"{PREFIX}{site}:*" if site else f"{PREFIX}*"
+	keys = sorted(client.scan_iter(match=pattern, count=500))
+	values = client.mget(keys) if keys else []
+	return [json.loads(v) for v in values if v]
+
+
+def _key(site: str, host: str, pid: int) -> str:
+	return f"{PREFIX}{site}:{host}:{pid}"
+
+
+def _safe(url: str | None) -> str:
+	"""A Redis URL without its password, for log lines."""
+	if not url or "@" not in url:
+		return str(url)
+	scheme, _, rest = url.partition("://")
+	return f"{scheme}://***@{rest.rpartition('@')[2]}"
