@@ -74,3 +74,32 @@ def test_child_that_never_touches_the_pool_does_not_harm_the_parent(bouncer, reg
 	conn = registry.getconn(key, config, connect)
 	assert backend_pid(conn) == pid and scalar(conn, "SELECT 1") == 1
 	registry.putconn(conn)
+
+
+def test_the_child_runs_its_own_reaper(bouncer, registry):
+	from frappe_pgpool.pool import PoolConfig
+
+	config = PoolConfig(size=1, max_idle=0.5)
+	key = key_for(bouncer=bouncer, site="fork-reaper")
+	registry.putconn(registry.getconn(key, config, frappe_like_factory(bouncer)))
+	parent_reaper = registry._reaper
+	assert parent_reaper is not None and parent_reaper.is_alive()
+	pid = os.fork()
+	if pid == 0:  # pragma: no cover - child
+		code = 0
+		try:
+			registry.putconn(registry.getconn(key, config, frappe_like_factory(bouncer)))
+			reaper = registry._reaper
+			if reaper is None or reaper is parent_reaper or not reaper.is_alive():
+				code = 3
+			else:
+				import time
+
+				time.sleep(0.5 + 2 * registry.reap_interval)
+				if registry.pool(key, config).snapshot()["closed"].get("idle") != 1:
+					code = 4
+		except BaseException:
+			code = 5
+		os._exit(code)
+	_, status = os.waitpid(pid, 0)
+	assert os.waitstatus_to_exitcode(status) == 0

@@ -28,7 +28,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 	def __init__(self) -> None:
 		super().__init__()
-		self.registry = PoolRegistry()
+		self.registry = PoolRegistry(reap_interval=0)  # the reap rule below runs it, deterministically
 		self.size = 2
 		self.keys = {
 			site: key_for("app1" if site == "prop-a" else "app2", site, self.bouncer) for site in SITES
@@ -83,6 +83,10 @@ class PoolMachine(RuleBasedStateMachine):
 		with self.cluster.connect() as admin, admin.cursor() as cur:
 			cur.execute("SELECT pg_terminate_backend(%s)", (self.pids[id(conn)],))
 		self.killed.add(id(conn))
+
+	@rule()
+	def reap(self) -> None:
+		self.registry.maintain()  # what the reaper thread does every second
 
 	@rule(size=st.integers(min_value=1, max_value=3))
 	def resize(self, size: int) -> None:

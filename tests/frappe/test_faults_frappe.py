@@ -1,0 +1,53 @@
+"""Faults under real Frappe: after pgBouncer restarts, backends are terminated or pgBouncer KILLs
+its clients, the next requests of workers holding pooled (now dead) connections all succeed."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .bench import SITE, requires_bench, run_in_bench
+from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer
+from .test_e2e import TOKEN_SCRIPT
+
+pytestmark = [pytest.mark.frappe, requires_bench]
+
+
+@pytest.fixture(scope="module")
+def env():
+	token = run_in_bench(TOKEN_SCRIPT, site=SITE)[0]
+	with sites_behind_pgbouncer([SITE]) as (bouncer, upstream):
+		yield {"bouncer": bouncer, "upstream": upstream, "token": token}
+
+
+@pytest.mark.parametrize("fault", ["pgbouncer SIGTERM restart", "pg_terminate_backend", "pgbouncer KILL"])
+def test_no_request_fails_after_the_fault(env, fault):
+	bouncer, upstream, token = env["bouncer"], env["upstream"], env["token"]
+	db = read_site_config(SITE)["db_name"]
+	with Gunicorn(workers=2) as web:
+		warm = web.hammer([("/api/method/ping", SITE, None)] * 50, concurrency=4)
+		assert {code for code, _ in warm} == {200}  # both workers now hold a pooled connection
+		if fault == "pgbouncer SIGTERM restart":
+			bouncer.restart(signal.SIGTERM)
+		elif fault == "pg_terminate_backend":
+			upstream.query(
+				"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+				"WHERE datname = %s AND backend_type = 'client backend'",
+				(db,),
+			)
+		else:
+			bouncer.admin(f"KILL {db}")
+			bouncer.admin(f"RESUME {db}")
+		time.sleep(0.5)
+		results = web.hammer([("/api/resource/ToDo", SITE, token)] * 200, concurrency=4)
+		status_code, body = web.request("/api/method/frappe_pgpool.api.status", SITE, token)
+	assert status_code == 200, body
+	codes = [c for c, _ in results]
+	(pool,) = body["message"]["pools"]
+	print(
+		f"\n{fault}: 200 requests after the fault -> {codes.count(200)} ok; this worker's pool closed {pool['closed']}"
+	)
+	assert codes.count(200) == len(codes)
+	assert pool["in_use"] == 1 and pool["size"] <= pool["max_size"]  # the status request's own
