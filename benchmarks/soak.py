@@ -23,18 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.frappe.bench import BENCH, SITE, bench_problem, run_in_bench  # noqa: E402
+from tests.frappe.bench import BENCH, SITE, bench_cli, bench_problem, run_in_bench  # noqa: E402
 from tests.frappe.e2e import Gunicorn, read_site_config, sites_behind_pgbouncer  # noqa: E402
-from tests.frappe.test_e2e import TOKEN_SCRIPT  # noqa: E402
-
-ENQUEUE = """
-import frappe
-frappe.init(site=SITE); frappe.connect()
-for _ in range({n}):
-    frappe.enqueue("frappe.client.get_count", doctype="ToDo", queue="{queue}")
-frappe.db.commit(); frappe.destroy()
-out({n})
-"""
+from tests.frappe.test_e2e import JOBS_SCRIPT, TOKEN_SCRIPT  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -54,23 +45,7 @@ def bench_cmd(*args: str) -> subprocess.Popen:
 
 
 def pool_status() -> list[dict]:
-	result = subprocess.run(
-		[
-			str(Path(BENCH, "env", "bin", "python")),
-			"-m",
-			"frappe.utils.bench_helper",
-			"frappe",
-			"--site",
-			SITE,
-			"pgpool",
-			"status",
-			"--json",
-		],
-		cwd=Path(BENCH, "sites"),
-		capture_output=True,
-		text=True,
-		timeout=60,
-	)
+	result = bench_cli("pgpool", "status", "--json", timeout=60)
 	return json.loads(result.stdout) if result.returncode == 0 else []
 
 
@@ -143,7 +118,7 @@ def main() -> int:
 		jobs = 0
 		try:
 			while time.monotonic() - started < args.minutes * 60:
-				run_in_bench(ENQUEUE.format(n=20, queue="long"))
+				run_in_bench(JOBS_SCRIPT.format(n=20, queue="long"))
 				jobs += 20
 				time.sleep(args.sample)
 				pools = [p for r in pool_status() for p in r["pools"]]

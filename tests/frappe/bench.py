@@ -77,3 +77,22 @@ def run_in_bench(
 		for line in result.stdout.splitlines()
 		if line.startswith(RESULT_MARK)
 	]
+
+
+def bench_cli(*args: str, site: str | None = SITE, timeout: float = 600) -> subprocess.CompletedProcess:
+	"""`bench [--site SITE] ARGS` as the bench CLI runs it (frappe.utils.bench_helper), output captured."""
+	site_args = ["--site", site] if site else []
+	return subprocess.run(
+		[
+			str(Path(BENCH, "env", "bin", "python")),
+			"-m",
+			"frappe.utils.bench_helper",
+			"frappe",
+			*site_args,
+			*args,
+		],
+		cwd=Path(BENCH, "sites"),
+		capture_output=True,
+		text=True,
+		timeout=timeout,
+	)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from .bench import BENCH, SITE, requires_bench
+from .bench import SITE, bench_cli, requires_bench
 from .e2e import read_site_config, sites_behind_pgbouncer
 
 pytestmark = [pytest.mark.frappe, requires_bench]
@@ -16,22 +14,8 @@ SITE2 = os.environ.get("FRAPPE_SITE2", "")
 
 
 def bench(*args: str, site: str) -> str:
-	"""`bench --site SITE ARGS`, as the bench CLI runs it."""
-	result = subprocess.run(
-		[
-			str(Path(BENCH, "env", "bin", "python")),
-			"-m",
-			"frappe.utils.bench_helper",
-			"frappe",
-			"--site",
-			site,
-			*args,
-		],
-		cwd=Path(BENCH, "sites"),
-		capture_output=True,
-		text=True,
-		timeout=600,
-	)
+	"""`bench --site SITE ARGS`, as the bench CLI runs it; fails the test on a non-zero exit."""
+	result = bench_cli(*args, site=site)
 	assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 	return result.stdout
 

@@ -8,11 +8,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from .bench import BENCH, SITE, requires_bench, run_in_bench
+from .bench import SITE, bench_cli, requires_bench, run_in_bench
 from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer
 from .test_e2e import TOKEN_SCRIPT
 
@@ -20,21 +19,7 @@ pytestmark = [pytest.mark.frappe, requires_bench]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-	return subprocess.run(
-		[
-			str(Path(BENCH, "env", "bin", "python")),
-			"-m",
-			"frappe.utils.bench_helper",
-			"frappe",
-			"--site",
-			SITE,
-			*args,
-		],
-		cwd=Path(BENCH, "sites"),
-		capture_output=True,
-		text=True,
-		timeout=300,
-	)
+	return bench_cli(*args, timeout=300)
 
 
 def get(web: Gunicorn, path: str, token: str | None) -> tuple[int, str, str]:

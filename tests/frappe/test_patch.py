@@ -21,9 +21,12 @@ def test_install_uninstall_are_idempotent_in_every_order():
 		from frappe.database.postgres.database import PostgresDatabase
 		from frappe.database.database import Database
 		from frappe_pgpool import frappe_layer
+		import psycopg2
 		originals = (PostgresDatabase.__dict__["get_connection"].__wrapped__, Database.__dict__["close"].__wrapped__)
+		original_connect = psycopg2.connect.__wrapped__
 		patch.uninstall()
 		assert PostgresDatabase.__dict__["get_connection"] is originals[0]
+		assert psycopg2.connect is original_connect
 		results = []
 		for order in {orders!r}:
 			installed = False
@@ -35,8 +38,11 @@ def test_install_uninstall_are_idempotent_in_every_order():
 				if installed:
 					assert wrapped.__wrapped__ is originals[0] and wrapped._self_wrapper is frappe_layer.get_connection
 					assert Database.__dict__["close"].__wrapped__ is originals[1]
+					assert psycopg2.connect._self_wrapper is frappe_layer.psycopg2_connect
+					assert psycopg2.connect.__wrapped__ is original_connect
 				else:
 					assert wrapped is originals[0] and Database.__dict__["close"] is originals[1]
+					assert psycopg2.connect is original_connect
 			patch.uninstall()
 			results.append(order)
 		out(len(results))
