@@ -130,6 +130,7 @@ def main() -> int:
 	lines += ["", "Proxy's own overhead (0 ms vs direct), p50:", ""]
 	for key, r in zero.items():
 		lines.append(f"- {key[0]} pool {key[1]}: +{r['p50'] - direct[key]['p50']:.2f} ms")
+	lines += ["", "![plot](distance.png) (drawn by `benchmarks/plot.py`)"]
 	(args.out / "distance.md").write_text("\n".join(lines) + "\n")
 	print("\n".join(lines))
 	return 0

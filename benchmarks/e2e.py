@@ -120,6 +120,7 @@ def main() -> int:
 			f"- {off['endpoint']} c={off['concurrency']}: p95 {on['p95'] / off['p95']:.2f}, "
 			f"req/s {on['rps'] / off['rps']:.2f}, logins {off['logins']} -> {on['logins']}"
 		)
+	lines += ["", "![plot](e2e.png) (drawn by `benchmarks/plot.py`)"]
 	(args.out / "e2e.md").write_text("\n".join(lines) + "\n")
 	print("\n".join(lines))
 	return 0
