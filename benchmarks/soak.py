@@ -207,15 +207,16 @@ def plot(samples: list[dict], path: Path) -> None:
 
 	t = [s["t"] / 60 for s in samples]
 	fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-	top.plot(t, [s["pgbouncer_clients"] for s in samples], label="pgBouncer clients (site)")
+	top.plot(t, [s["pgbouncer_clients"] for s in samples], "--", label="pgBouncer clients (site)")
 	top.plot(t, [s["pgbouncer_servers"] for s in samples], label="pgBouncer server connections")
 	top.plot(t, [s["pool_size"] for s in samples], label="web pools' connections")
 	top.set_ylabel("connections")
+	top.set_ylim(0, max(s["pgbouncer_servers"] for s in samples) + 2)
 	top.legend(loc="upper left")
 	bottom.plot(t, [sum(s["worker_rss_mb"].values()) for s in samples], label="web workers' RSS (sum)")
 	bottom.set_ylabel("MB")
 	bottom.set_xlabel("minutes")
-	bottom.set_ylim(bottom=0)
+	bottom.set_ylim(0, max(sum(s["worker_rss_mb"].values()) for s in samples) * 1.25)
 	bottom.legend(loc="lower right")
 	fig.suptitle("Soak: connections and memory stay flat")
 	fig.tight_layout()
