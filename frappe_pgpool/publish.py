@@ -1,14 +1,17 @@
 """Every process publishes its pool reports to Redis, with a TTL, so that one command sees them all.
 
 Keys: frappe_pgpool:stats:<site>:<host>:<pid>, refreshed every PUBLISH_INTERVAL seconds by the
-registry's reaper thread, expiring TTL seconds after a process stops (or dies). Redis is the
+registry's reaper thread, deleted when the process exits, or expiring TTL seconds after it dies. Redis is the
 bench's redis_cache; a Redis that is down costs one log line, never a request.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -44,6 +47,19 @@ class Publisher:
 				self.url, self._client, self._last = url, None, 0.0
 			if self not in self.registry.listeners:
 				self.registry.listeners.append(self)
+				atexit.register(self.retract)  # inherited by forks: retract() removes only its own pid's
+
+	def retract(self) -> None:
+		"""Delete this process's reports (at exit), so that status stops counting it at once."""
+		if self.url is None:
+			return
+		try:
+			client = _client(self.url)
+			keys = list(client.scan_iter(match=f"{PREFIX}*:{socket.gethostname()}:{os.getpid()}", count=500))
+			if keys:
+				client.delete(*keys)
+		except Exception:
+			pass  # the TTL removes them anyway
 
 	def __call__(self) -> None:
 		"""A reaper round: publish if the interval has passed."""
