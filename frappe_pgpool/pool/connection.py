@@ -108,15 +108,14 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 	"START TRANSACTION" after a commit) is covered the same way, since psycopg2 then still
 	believes its own BEGIN is open.
 	"""
-	info = conn.info
 	if conn.status != ext.STATUS_READY:
 		conn.rollback()
-	elif info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	elif conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
 		with conn.cursor() as cur:  # a BEGIN sent as SQL text under autocommit
 			cur.execute("ROLLBACK")
-	if info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+	if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
-	statements = _reset_statements(reset_query)
+	statements = _reset_statements(reset_query) if reset_query else None
 	if statements:
 		if defaults.application_name:
 			statements.append(

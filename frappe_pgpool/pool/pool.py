@@ -236,7 +236,8 @@ class ConnectionPool:
 				return False
 			del self._in_use[id(conn)]
 			self._returning += 1  # keeps its slot while it is reset: the size bound holds
-			self._report_leaks_locked()
+			if self.config.leak_warning:
+				self._report_leaks_locked()
 		if os.getpid() != self.pid:
 			disown(conn)  # a child returning its parent's connection: never touch the socket
 			reason = "fork"
@@ -277,7 +278,7 @@ class ConnectionPool:
 			return "discarded"
 		if conn.closed:
 			return "broken"
-		status = conn.info.transaction_status
+		status = conn.get_transaction_status()  # no ConnectionInfo object: this is the hot path
 		if status == ext.TRANSACTION_STATUS_ACTIVE:
 			return "busy"  # a statement still running: state unknown
 		if status == ext.TRANSACTION_STATUS_UNKNOWN:

@@ -64,17 +64,16 @@ class PoolRegistry:
 	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
 		pool = self.pool(key, config)
 		conn = pool.getconn(connect)
-		with self._lock:
-			self._owner[id(conn)] = pool
+		# No lock: a dict item set/pop is atomic, and an id cannot be reused while the pool
+		# holds the connection, so id(conn) names exactly this connection.
+		self._owner[id(conn)] = pool
 		return conn
 
 	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
 		"""Return a pooled connection; False if it is not one of ours (caller closes it as usual)."""
-		with self._lock:
-			pool = self._owner.get(id(conn))
-			if pool is None or not pool.owns(conn):
-				return False
-			del self._owner[id(conn)]
+		pool = self._owner.pop(id(conn), None)
+		if pool is None:
+			return False
 		return pool.putconn(conn, discard)
 
 	def owns(self, conn: ext.connection) -> bool:
