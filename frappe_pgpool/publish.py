@@ -39,6 +39,13 @@ class Publisher:
 		self._last = 0.0
 		self._failing = False
 		self._lock = threading.Lock()
+		# the reaper thread may hold it when another thread forks (RQ work-horses)
+		os.register_at_fork(after_in_child=self._after_fork)
+
+	def _after_fork(self) -> None:
+		self._lock = threading.Lock()
+		self._client = None
+		self._last = 0.0
 
 	def configure(self, url: str | None) -> None:
 		"""Called on each pooled checkout with the bench's redis_cache URL; cheap when unchanged."""
