@@ -14,8 +14,8 @@ from .errors import ConfigError
 # DISCARD ALL clears every kind of session state a request can leave behind: GUCs (SET,
 # set_config), SET ROLE / SESSION AUTHORIZATION, WITH HOLD cursors, prepared statements,
 # LISTEN, session advisory locks, cached plans, sequence state and temp tables; and it is what
-# pgBouncer itself runs (server_reset_query) when a client leaves. Sent through psycopg2's own
-# connection.reset(), it costs one round trip on an idle connection.
+# pgBouncer itself runs (server_reset_query) when a client leaves. It is sent spelled out
+# (connection.DISCARD_ALL_STATEMENTS), so that application_name can be restored in the same round trip.
 DEFAULT_RESET_QUERY = "DISCARD ALL"
 
 KEY_PREFIX = "db_pool_"
@@ -38,8 +38,8 @@ class PoolConfig:
 	# Seconds a connection may sit idle before it is closed (by the reaper thread within a second);
 	# bounds the same wait for quiet workers. Keep below pgBouncer's client_idle_timeout. 0 disables.
 	max_idle: float = 60.0
-	# Sent when a connection comes back, after the rollback. "" sends nothing more (only for apps that
-	# never change session state); any other SQL runs in autocommit, which costs a second round trip.
+	# The session reset when a connection comes back, after the rollback, in one round trip (autocommit,
+	# with SET application_name appended). "" sends nothing: only for apps that never change session state.
 	reset_query: str = DEFAULT_RESET_QUERY
 	# Seconds a checkout may be held before a warning with the stack that took it. 0 disables.
 	leak_warning: float = 0.0
