@@ -9,7 +9,7 @@ import time
 import pytest
 
 from .bench import SITE, requires_bench, run_in_bench
-from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer
+from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer, write_site_config
 from .test_e2e import TOKEN_SCRIPT
 
 pytestmark = [pytest.mark.frappe, requires_bench]
@@ -51,3 +51,30 @@ def test_no_request_fails_after_the_fault(env, fault):
 	)
 	assert codes.count(200) == len(codes)
 	assert pool["in_use"] == 1 and pool["size"] <= pool["max_size"]  # the status request's own
+
+
+def test_a_stalled_link_fails_the_request_within_connect_timeout_then_heals(env):
+	"""Plain Frappe sets no connect_timeout: a pgBouncer that accepts but never answers hangs the
+	request. Pooled connections carry db_pool_connect_timeout into libpq."""
+	from frappe_pgpool.testing.proxy import StallingProxy
+
+	bouncer, token = env["bouncer"], env["token"]
+	config = read_site_config(SITE)
+	with StallingProxy(bouncer.host, bouncer.port) as proxy:
+		write_site_config(SITE, {**config, "db_port": proxy.port, "db_pool_connect_timeout": 2})
+		try:
+			with Gunicorn(workers=1) as web:
+				proxy.stall()
+				started = time.monotonic()
+				code, _ = web.request("/api/resource/ToDo", SITE, token)
+				failed_after = time.monotonic() - started
+				proxy.resume()
+				healed = [web.request("/api/resource/ToDo", SITE, token)[0] for _ in range(20)]
+		finally:
+			write_site_config(SITE, config)
+	print(
+		f"\nstalled link: request failed with {code} after {failed_after:.1f}s; then {healed.count(200)}/20 ok"
+	)
+	# observed: two timeouts, the request's connect and a second attempt on Frappe's error path
+	assert code >= 500 and failed_after < 2 * 2 + 3
+	assert healed == [200] * 20
