@@ -75,6 +75,6 @@ def test_a_stalled_link_fails_the_request_within_connect_timeout_then_heals(env)
 	print(
 		f"\nstalled link: request failed with {code} after {failed_after:.1f}s; then {healed.count(200)}/20 ok"
 	)
-	# observed: two timeouts, the request's connect and a second attempt on Frappe's error path
+	# two timeouts: libpq's default sslmode=prefer tries an SSL connection, then a plain one
 	assert code >= 500 and failed_after < 2 * 2 + 3
 	assert healed == [200] * 20
