@@ -75,6 +75,6 @@ def test_a_stalled_link_fails_the_request_within_connect_timeout_then_heals(env)
 	print(
 		f"\nstalled link: request failed with {code} after {failed_after:.1f}s; then {healed.count(200)}/20 ok"
 	)
-	# two timeouts: libpq's default sslmode=prefer tries an SSL connection, then a plain one
+	# each connection attempt is bounded; a request may make more than one (observed: 4.1 s for 2 s)
 	assert code >= 500 and failed_after < 2 * 2 + 3
 	assert healed == [200] * 20
