@@ -68,7 +68,7 @@ def distance(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
 	out = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
-	for name, draw in (("e2e", e2e), ("distance", distance)):
+	for name, draw in (("e2e", e2e), ("e2e-gthread", e2e), ("distance", distance)):
 		source = out / f"{name}.json"
 		if source.exists():
 			draw(json.loads(source.read_text()), out / f"{name}.png")
