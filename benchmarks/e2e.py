@@ -75,7 +75,10 @@ def main() -> int:
 	token = run_in_bench(TOKEN_SCRIPT)[0]
 	db = read_site_config(SITE)["db_name"]
 	rows = []
-	with sites_behind_pgbouncer([SITE]) as (bouncer, _upstream), Gunicorn(workers=args.workers, threads=args.threads) as web:
+	with (
+		sites_behind_pgbouncer([SITE]) as (bouncer, _upstream),
+		Gunicorn(workers=args.workers, threads=args.threads) as web,
+	):
 		config = read_site_config(SITE)
 		for endpoint, path, auth in (
 			("ping", "/api/method/ping", None),
