@@ -120,12 +120,10 @@ class ConnectionPool:
 		stale = self._prune_idle(now)
 		while self._idle:
 			record = self._idle.pop()
-			if now >= record.expires_at:
-				stale.append((record, "lifetime"))
-			elif not is_usable(record.conn, record.poller):
-				stale.append((record, "dead"))
-			else:
+			reason = _stale_reason(record, now)
+			if reason is None:
 				return record, stale
+			stale.append((record, reason))
 		return None, stale
 
 	def _prune_idle(self, now: float) -> list[tuple[_Record, str]]:
@@ -145,12 +143,11 @@ class ConnectionPool:
 			stale = self._prune_idle(now)
 			keep = []
 			for record in self._idle:
-				if now >= record.expires_at:
-					stale.append((record, "lifetime"))
-				elif not is_usable(record.conn, record.poller):
-					stale.append((record, "dead"))
-				else:
+				reason = _stale_reason(record, now)
+				if reason is None:
 					keep.append(record)
+				else:
+					stale.append((record, reason))
 			self._idle = keep
 		self._close_records(stale)
 		return len(stale)
@@ -399,6 +396,15 @@ class ConnectionPool:
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
 			}
+
+
+def _stale_reason(record: _Record, now: float) -> str | None:
+	"""Why an idle record must not be handed out (past its lifetime, or closed by the server)."""
+	if now >= record.expires_at:
+		return "lifetime"
+	if not is_usable(record.conn, record.poller):
+		return "dead"
+	return None
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
