@@ -44,11 +44,14 @@ class Finding:
 
 
 def admin_rows(connect: Callable[[], object], command: str) -> list[dict]:
+	"""One admin-console command on a fresh connection; rows as dicts ([] for PAUSE, KILL, ...)."""
 	conn = connect()
 	try:
 		conn.autocommit = True
 		with conn.cursor() as cur:
 			cur.execute(command)
+			if cur.description is None:
+				return []
 			names = [d.name for d in cur.description]
 			return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 	finally:

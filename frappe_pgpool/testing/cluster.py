@@ -24,6 +24,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extras
 
+from ..doctor import admin_rows
+
 STARTUP_TIMEOUT = 20.0
 
 
@@ -312,17 +314,9 @@ class PgBouncer:
 
 	def admin(self, command: str) -> list[dict]:
 		"""Run one admin-console command on a fresh connection (robust across restarts)."""
-		conn = psycopg2.connect(self.dsn(self.admin_user, self.admin_password, "pgbouncer"))
-		try:
-			conn.autocommit = True
-			with conn.cursor() as cur:
-				cur.execute(command)
-				if cur.description is None:
-					return []
-				names = [d.name for d in cur.description]
-				return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-		finally:
-			conn.close()
+		return admin_rows(
+			lambda: psycopg2.connect(self.dsn(self.admin_user, self.admin_password, "pgbouncer")), command
+		)
 
 	def stats(self, dbname: str) -> dict:
 		for row in self.admin("SHOW STATS"):
