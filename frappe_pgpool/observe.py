@@ -58,9 +58,8 @@ COLUMNS = (
 )
 
 
-def render_table(items: Iterable[dict], now: float | None = None) -> str:
+def render_table(items: Iterable[dict]) -> str:
 	"""One line per process and pool, and a total."""
-	now = time.time() if now is None else now
 	lines = ["  ".join(name.ljust(width) for name, width in COLUMNS).rstrip()]
 	total = {"size": 0, "max": 0, "in_use": 0, "idle": 0, "waiting": 0, "checkouts": 0, "created": 0}
 	for report in sorted(items, key=lambda r: (r["site"], r["host"], r["pid"])):

@@ -89,7 +89,7 @@ class Publisher:
 			pipe.execute()
 		except Exception as e:  # stats are best effort; a request never pays for them
 			if not self._failing:
-				log.warning("frappe_pgpool: cannot publish pool stats to %s: %s", _safe(self.url), e)
+				log.warning("frappe_pgpool: cannot publish pool stats to %s: %s", redacted(self.url), e)
 			self._failing = True
 			return 0
 		self._failing = False
@@ -109,7 +109,7 @@ def _key(site: str, host: str, pid: int) -> str:
 	return f"{PREFIX}{site}:{host}:{pid}"
 
 
-def _safe(url: str | None) -> str:
+def redacted(url: str | None) -> str:
 	"""A Redis URL without its password, for log lines."""
 	if not url or "@" not in url:
 		return str(url)

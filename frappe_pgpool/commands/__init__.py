@@ -32,7 +32,7 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 		try:
 			items = publish.collect(url, site)
 		except Exception as e:
-			click.secho(f"cannot read pool reports from Redis ({publish._safe(url)}): {e}", fg="red")
+			click.secho(f"cannot read pool reports from Redis ({publish.redacted(url)}): {e}", fg="red")
 			sys.exit(1)
 	finally:
 		frappe.destroy()
@@ -78,8 +78,7 @@ def doctor(context, admin_dsn, web_workers, threads, job_processes) -> None:
 		live = _live_counts(publish, conf.redis_cache)
 		threads = threads or int(conf.get("gunicorn_threads") or 1)
 		deployments, findings = [], []
-		for name in _sites_behind_same_bouncer(frappe, site):
-			site_conf = frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
+		for name, site_conf in _sites_behind_same_bouncer(frappe, site):
 			try:
 				config = parse_config({k: v for k, v in site_conf.items() if k.startswith("db_pool_")})
 			except ConfigError as e:
@@ -144,20 +143,23 @@ def _live_counts(publish, url: str | None) -> dict[str, tuple[int, int]]:
 	return {site: (web, jobs) for site, (web, jobs) in counts.items()}
 
 
-def _sites_behind_same_bouncer(frappe, site: str) -> list[str]:
-	"""The bench's sites whose database server is this site's (the same pgBouncer)."""
+def _sites_behind_same_bouncer(frappe, site: str) -> list[tuple[str, dict]]:
+	"""(name, config) of the bench's sites whose database server is this site's (the same pgBouncer)."""
 	from frappe.utils import get_sites
 
 	def address(conf) -> tuple:
 		return (conf.get("db_host") or "localhost", str(conf.get("db_port") or ""))
 
+	def config(name: str) -> dict:
+		return frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
+
 	mine = address(frappe.conf)
 	found = []
 	for name in get_sites():
-		conf = frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
+		conf = config(name)
 		if conf.get("db_type") == "postgres" and address(conf) == mine:
-			found.append(name)
-	return found or [site]
+			found.append((name, conf))
+	return found or [(site, config(site))]
 
 
 commands = [pgpool]
