@@ -8,12 +8,15 @@ waits in pgBouncer (cl_waiting) and fails after query_wait_timeout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import psycopg2
+import psycopg2.extensions
 
 from .pool import PoolConfig
+from .publish import redacted
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,99 @@ def admin_rows(connect: Callable[[], object], command: str) -> list[dict]:
 		conn.close()
 
 
+# libpq quotes what it could not parse ('missing "=" after "..."', 'invalid connection option "..."',
+# 'invalid percent-encoded token: "..."', a whole URI): fragments of a malformed DSN, password included.
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def describe_error(error: BaseException, *secrets: str | None) -> str:
+	"""The first line of a (libpq) error, safe to show: no fragment of a DSN it could not parse."""
+	text = str(error).strip()
+	line = text.splitlines()[0] if text else type(error).__name__
+	if re.search(r"invalid|connection info string|URI|unterminated", line, re.IGNORECASE):
+		line = _QUOTED.sub(lambda m: m[0] if m[0] == '"="' else '"***"', line)
+	return redacted(line, *secrets)
+
+
+def dsn_password(dsn: str) -> str | None:
+	"""The password a DSN carries (keyword or URI form), or None."""
+	try:
+		return psycopg2.extensions.parse_dsn(dsn).get("password") or None
+	except psycopg2.Error:
+		return None  # malformed: describe_error hides what libpq quotes of it
+
+
+def carries_password(dsn: str) -> bool:
+	return bool(dsn_password(dsn)) or redacted(dsn) != dsn
+
+
+@dataclass(frozen=True)
+class ResolvedDsn:
+	"""A DSN to connect with, where it came from, and what to show of it (password hidden)."""
+
+	dsn: str | None
+	source: str
+	findings: list[Finding] = field(default_factory=list)
+
+	@property
+	def shown(self) -> str:
+		return redacted(self.dsn) if self.dsn else "(none)"
+
+	def connect(self, **kw) -> psycopg2.extensions.connection:
+		try:
+			return psycopg2.connect(self.dsn, **kw)
+		except psycopg2.Error as e:  # libpq quotes fragments of a malformed DSN: never pass them on
+			raise type(e)(describe_error(e, dsn_password(self.dsn or ""))) from None
+
+
+ADMIN_DSN_ENV = "PGPOOL_ADMIN_DSN"
+ADMIN_DSN_KEYS = ("pgbouncer_admin_dsn", "pgpool_admin_dsn")
+
+
+def resolve_admin_dsn(
+	option_dsn: str | None,
+	conf: Mapping[str, object],
+	environ: Mapping[str, str],
+	ask: Callable[[], str] | None = None,
+) -> ResolvedDsn:
+	"""pgBouncer's admin console DSN: --admin-dsn, else $PGPOOL_ADMIN_DSN, else the config key.
+
+	A password may come with it, or from libpq itself (PGPASSWORD, PGPASSFILE or ~/.pgpass), or from
+	`ask` (a prompt) when the DSN has none. One in argv is visible in ps: that is a warning.
+	"""
+	return _resolve("--admin-dsn", option_dsn, ADMIN_DSN_ENV, ADMIN_DSN_KEYS, conf, environ, ask)
+
+
+def _resolve(option, option_dsn, env, keys, conf, environ, ask) -> ResolvedDsn:
+	findings = []
+	if option_dsn:
+		dsn, source = option_dsn, option
+		if carries_password(dsn):
+			findings.append(
+				Finding(
+					"warn",
+					"password in argv",
+					f"the password in {option} is visible to every local user (ps, /proc) while doctor runs, "
+					"and stays in your shell history",
+					f"leave it out of the command line: export {env}, or set {keys[0]} in "
+					"common_site_config.json, or keep it out of the DSN and put it in ~/.pgpass (or PGPASSFILE), "
+					"or use --ask-password",
+				)
+			)
+	elif environ.get(env):
+		dsn, source = environ[env], env
+	else:
+		key = next((k for k in keys if conf.get(k)), None)
+		dsn, source = (str(conf[key]), key) if key else (None, "")
+	if dsn and ask is not None and not carries_password(dsn):
+		try:
+			dsn = psycopg2.extensions.make_dsn(dsn, password=ask())
+		except psycopg2.Error:
+			pass  # malformed: connecting says so, redacted
+		source += " + prompt"
+	return ResolvedDsn(dsn, source, findings)
+
+
 def _number(value: object) -> float:
 	try:
 		return float(value)  # SHOW CONFIG gives text
@@ -72,14 +168,14 @@ def examine(connect: Callable[[], object], deployments: list[Deployment]) -> lis
 		databases = {row["name"]: row for row in admin_rows(connect, "SHOW DATABASES")}
 		pools = admin_rows(connect, "SHOW POOLS")
 	except psycopg2.Error as e:
-		reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+		reason = describe_error(e)
 		return [
 			Finding(
 				"error",
 				"admin console",
 				f"cannot query pgBouncer's admin console: {reason}",
-				"give pgbouncer_admin_dsn (site or common config, or --admin-dsn) a user listed in "
-				"pgBouncer's admin_users or stats_users, with dbname=pgbouncer",
+				"give pgbouncer_admin_dsn (common_site_config.json, $PGPOOL_ADMIN_DSN or --admin-dsn) a user "
+				"listed in pgBouncer's admin_users or stats_users, with dbname=pgbouncer",
 			)
 		]
 	findings: list[Finding] = []

@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -89,7 +90,9 @@ class Publisher:
 			pipe.execute()
 		except Exception as e:  # stats are best effort; a request never pays for them
 			if not self._failing:
-				log.warning("frappe_pgpool: cannot publish pool stats to %s: %s", redacted(self.url), e)
+				log.warning(
+					"frappe_pgpool: cannot publish pool stats to %s: %s", redacted(self.url), redacted(e)
+				)
 			self._failing = True
 			return 0
 		self._failing = False
@@ -109,9 +112,38 @@ def _key(site: str, host: str, pid: int) -> str:
 	return f"{PREFIX}{site}:{host}:{pid}"
 
 
-def redacted(url: str | None) -> str:
-	"""A Redis URL without its password, for log lines."""
-	if not url or "@" not in url:
-		return str(url)
-	scheme, _, rest = url.partition("://")
-	return f"{scheme}://***@{rest.rpartition('@')[2]}"
+# scheme://user:password@ (any scheme); for non-PostgreSQL schemes a userinfo without ":" may be
+# the password itself (redis://secret@host), so it is hidden too.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/?#\s]*)@", re.IGNORECASE)
+# a URI query parameter: ?password=... or &password=...
+_QUERY_PASSWORD = re.compile(r"(?P<lead>[?&]password=)[^&#\s]*", re.IGNORECASE)
+# a libpq keyword/value pair: password=x, password = 'x y \' z' (an unterminated quote runs to the end)
+_KEYWORD_PASSWORD = re.compile(
+	r"(?P<lead>\bpassword\s*=\s*)(?!\*\*\*(?:[&#\s]|$))(?:'(?:[^'\\]|\\.)*'?|[^\s']\S*)", re.IGNORECASE
+)
+
+
+def redacted(text: object, *secrets: str | None) -> str:
+	"""`text` (a URL, a libpq DSN in either form, or an error quoting one) with every password hidden.
+
+	Handles scheme://user:password@host, ?password=/&password= URI parameters, libpq's
+	password=... keyword (quoted or not), and any of `secrets` given in clear.
+	"""
+	if text is None:
+		return "None"
+	text = str(text)
+	for secret in secrets:
+		if secret:
+			text = text.replace(secret, "***")
+
+	def userinfo(m: re.Match) -> str:
+		user, colon, _ = m["userinfo"].partition(":")
+		if colon:
+			return f"{m['scheme']}{user}:***@"
+		if m["scheme"].lower().startswith("postgres"):
+			return m[0]  # postgresql://user@host: a user name, no password
+		return f"{m['scheme']}***@"
+
+	text = _USERINFO.sub(userinfo, text)
+	text = _QUERY_PASSWORD.sub(lambda m: m["lead"] + "***", text)
+	return _KEYWORD_PASSWORD.sub(lambda m: m["lead"].rstrip().rstrip("=").rstrip() + "=***", text)

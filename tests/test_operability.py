@@ -8,7 +8,7 @@ import re
 import psycopg2
 import pytest
 
-from frappe_pgpool import doctor, observe
+from frappe_pgpool import doctor, observe, publish
 from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 
@@ -131,3 +131,94 @@ def test_doctor_reports_an_unreachable_admin_console_without_secrets(cluster):
 	(finding,) = found
 	assert finding.level == "error" and "admin_users or stats_users" in finding.fix
 	assert USERS["app1"] not in doctor.render(found)
+
+
+# --- secrets: DSNs and libpq errors are shown redacted, and the admin DSN need not be in argv ---
+
+
+def admin_dsn(bouncer: PgBouncer, password: str | None = None) -> str:
+	dsn = f"host={bouncer.host} port={bouncer.port} dbname=pgbouncer user={bouncer.admin_user}"
+	return dsn if password is None else f"{dsn} password={password}"
+
+
+@pytest.mark.parametrize(
+	("template", "fragment"),
+	[
+		(
+			"host={host} port={port} dbname=pgbouncer user=pgbadmin password=first-half second-half",
+			"second-half",
+		),
+		("host={host} port={port} dbname=pgbouncer user=pgbadmin password=pw sneakytail=1", "sneakytail"),
+		("postgresql://pgbadmin:s3cr%zzet@{host}:{port}/pgbouncer", "s3cr"),
+		("postgresql://pgbadmin:hunter2@[::1:{port}/pgbouncer", "hunter2"),
+		("postgresql://pgbadmin@{host}:{port}/pgbouncer?password=hunter3&bogus=1", "hunter3"),
+		("host={host} port={port} dbname=pgbouncer user=pgbadmin password='no end quote", "no end"),
+	],
+)
+def test_doctor_never_echoes_a_bad_dsn(bouncer, template, fragment):
+	dsn = template.format(host=bouncer.host, port=bouncer.port)
+	found = doctor.examine(lambda: psycopg2.connect(dsn), [deployment(PoolConfig(enabled=True))])
+	text = doctor.render(found)
+	print("\n" + text)
+	assert found[0].level == "error" and "admin console" in found[0].check
+	assert fragment not in text and "invalid" in text
+
+
+@pytest.mark.parametrize(
+	("text", "secret", "kept"),
+	[
+		("redis://:redispw@10.0.0.5:6379/0", "redispw", "10.0.0.5:6379/0"),
+		("postgresql://stats:pw-uri@10.0.0.5:6432/pgbouncer", "pw-uri", "10.0.0.5:6432/pgbouncer"),
+		("postgres://stats@10.0.0.5/pgbouncer?sslmode=require&password=pw-q&x=1", "pw-q", "sslmode=require"),
+		("postgresql:///pgbouncer?host=/run/pg&password=pw-q2", "pw-q2", "host=/run/pg"),
+		("host=10.0.0.5 port=6432 dbname=pgbouncer user=stats password=pw-kw", "pw-kw", "user=stats"),
+		(
+			"host=10.0.0.5 password = 'pw with spaces \\' and quote' dbname=pgbouncer",
+			"spaces",
+			"dbname=pgbouncer",
+		),
+		("cannot connect (host=h password=pw-in-error): refused", "pw-in-error", "refused"),
+	],
+)
+def test_redacted_hides_passwords_of_uri_and_keyword_dsns(text, secret, kept):
+	shown = publish.redacted(text)
+	assert secret not in shown and kept in shown and "***" in shown, shown
+
+
+def test_admin_dsn_from_environment_config_passfile_or_prompt(bouncer, tmp_path, monkeypatch):
+	deployments = [deployment(PoolConfig(enabled=True))]
+	with_password = admin_dsn(bouncer, bouncer.admin_password)
+	sources = [
+		({"PGPOOL_ADMIN_DSN": with_password}, {}, None, "PGPOOL_ADMIN_DSN"),
+		({}, {"pgbouncer_admin_dsn": with_password}, None, "pgbouncer_admin_dsn"),
+		(
+			{},
+			{"pgbouncer_admin_dsn": admin_dsn(bouncer)},
+			lambda: bouncer.admin_password,
+			"pgbouncer_admin_dsn + prompt",
+		),
+	]
+	for environ, conf, ask, source in sources:
+		resolved = doctor.resolve_admin_dsn(None, conf, environ, ask=ask)
+		assert resolved.source == source and not resolved.findings, resolved
+		found = doctor.examine(resolved.connect, deployments)
+		assert not [f for f in found if f.check == "admin console"], doctor.render(found)
+		assert bouncer.admin_password not in resolved.shown + repr(resolved.findings)
+
+	# libpq's own: the DSN without a password, the password in a passfile
+	passfile = tmp_path / "pgpass"
+	passfile.write_text(
+		f"{bouncer.host}:{bouncer.port}:pgbouncer:{bouncer.admin_user}:{bouncer.admin_password}\n"
+	)
+	passfile.chmod(0o600)
+	monkeypatch.setenv("PGPASSFILE", str(passfile))
+	resolved = doctor.resolve_admin_dsn(None, {"pgbouncer_admin_dsn": admin_dsn(bouncer)}, {})
+	found = doctor.examine(resolved.connect, deployments)
+	assert not [f for f in found if f.check == "admin console"], doctor.render(found)
+
+	# in argv: works, with a warning that names the ways to keep it out
+	resolved = doctor.resolve_admin_dsn(with_password, {}, {})
+	(warning,) = resolved.findings
+	assert warning.level == "warn" and "ps" in warning.message and "PGPOOL_ADMIN_DSN" in warning.fix
+	assert bouncer.admin_password not in doctor.render(resolved.findings) + resolved.shown
+	assert not doctor.resolve_admin_dsn(admin_dsn(bouncer), {}, {}).findings  # no password, no warning

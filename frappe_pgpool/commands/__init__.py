@@ -32,7 +32,10 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 		try:
 			items = publish.collect(url, site)
 		except Exception as e:
-			click.secho(f"cannot read pool reports from Redis ({publish.redacted(url)}): {e}", fg="red")
+			click.secho(
+				f"cannot read pool reports from Redis ({publish.redacted(url)}): {publish.redacted(e)}",
+				fg="red",
+			)
 			sys.exit(1)
 	finally:
 		frappe.destroy()
@@ -51,8 +54,11 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 
 @pgpool.command("doctor")
 @click.option(
-	"--admin-dsn", help="libpq DSN of pgBouncer's admin console (default: pgbouncer_admin_dsn in config)."
+	"--admin-dsn",
+	help="libpq DSN of pgBouncer's admin console (default: $PGPOOL_ADMIN_DSN, then pgbouncer_admin_dsn in "
+	"config). Keep the password out of it (ps shows argv): use those, ~/.pgpass / PGPASSFILE, or --ask-password.",
 )
+@click.option("--ask-password", is_flag=True, help="Prompt for the admin console's password (not echoed).")
 @click.option("--web-workers", type=int, help="Gunicorn workers (default: gunicorn_workers or live count).")
 @click.option("--threads", type=int, help="Threads per gunicorn worker (default: gunicorn_threads or 1).")
 @click.option(
@@ -61,10 +67,9 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 	help="RQ workers + scheduler (default: live count or 2 x background_workers + 1).",
 )
 @pass_context
-def doctor(context, admin_dsn, web_workers, threads, job_processes) -> None:
+def doctor(context, admin_dsn, ask_password, web_workers, threads, job_processes) -> None:
 	"""Check the pgBouncer deployment of the site against the pool settings of the bench's sites."""
 	import frappe
-	import psycopg2
 
 	from frappe_pgpool import doctor as checks
 	from frappe_pgpool import publish
@@ -74,10 +79,11 @@ def doctor(context, admin_dsn, web_workers, threads, job_processes) -> None:
 	frappe.init(site=site)
 	try:
 		conf = frappe.conf
-		admin_dsn = admin_dsn or conf.get("pgbouncer_admin_dsn")
+		ask = (lambda: click.prompt("pgBouncer admin password", hide_input=True)) if ask_password else None
+		admin = checks.resolve_admin_dsn(admin_dsn, conf, os.environ, ask=ask)
 		live = _live_counts(publish, conf.redis_cache)
 		threads = threads or int(conf.get("gunicorn_threads") or 1)
-		deployments, findings = [], []
+		deployments, findings = [], list(admin.findings)
 		for name, site_conf in _sites_behind_same_bouncer(frappe, site):
 			try:
 				config = parse_config({k: v for k, v in site_conf.items() if k.startswith("db_pool_")})
@@ -114,16 +120,18 @@ def doctor(context, admin_dsn, web_workers, threads, job_processes) -> None:
 			for d in deployments
 		)
 	)
-	if admin_dsn:
-		findings += checks.examine(lambda: psycopg2.connect(admin_dsn), deployments)
+	if admin.dsn:
+		click.echo(f"pgBouncer admin console: {admin.shown} (from {admin.source})")
+		findings += checks.examine(admin.connect, deployments)
 	else:
 		findings.append(
 			checks.Finding(
 				"warn",
 				"admin console",
 				"pgBouncer not checked: no admin console configured",
-				'set pgbouncer_admin_dsn, e.g. "host=10.0.0.5 port=6432 dbname=pgbouncer user=stats password=..." '
-				"(a user in pgBouncer's stats_users), in common_site_config.json, or pass --admin-dsn",
+				'set pgbouncer_admin_dsn, e.g. "host=10.0.0.5 port=6432 dbname=pgbouncer user=stats" '
+				"(a user in pgBouncer's stats_users), in common_site_config.json or $PGPOOL_ADMIN_DSN; "
+				"its password there, in ~/.pgpass, or with --ask-password",
 			)
 		)
 	click.echo(checks.render(findings))
