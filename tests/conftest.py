@@ -1,6 +1,13 @@
-"""Fixtures: a throwaway PostgreSQL cluster and a pgBouncer (session mode, SCRAM) per test session."""
+"""Fixtures: a throwaway PostgreSQL cluster and a pgBouncer (session mode, SCRAM) per test session.
+
+The Frappe tier (tests/frappe) may be skipped locally when there is no bench, never where
+PGPOOL_REQUIRE_FRAPPE=1 (CI): there a missing bench stops the run before any test, and any skipped
+Frappe-tier test fails the run, named with its reason.
+"""
 
 from __future__ import annotations
+
+import os
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -8,6 +15,8 @@ import pytest
 
 from frappe_pgpool.pool import PoolConfig, PoolKey, PoolRegistry
 from frappe_pgpool.testing.cluster import PgBouncer, PostgresCluster
+
+from .frappe.bench import bench_problem
 
 USERS = {"app1": "pw-app1", "app2": "pw-app2"}
 
@@ -70,3 +79,37 @@ def scalar(conn: ext.connection, sql: str, args=None):
 	with conn.cursor() as cur:
 		cur.execute(sql, args)
 		return cur.fetchone()[0]
+
+
+REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"
+_frappe_skips: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+	problem = bench_problem()
+	if REQUIRE_FRAPPE and problem:
+		raise pytest.UsageError(f"PGPOOL_REQUIRE_FRAPPE=1 but the Frappe tier cannot run: {problem}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+	if report.skipped and "tests/frappe/" in report.nodeid.replace(os.sep, "/"):
+		reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+		_frappe_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+	if REQUIRE_FRAPPE and _frappe_skips:
+		session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+	if not _frappe_skips:
+		return
+	if REQUIRE_FRAPPE:
+		terminalreporter.write_line(
+			f"FAILED: {len(_frappe_skips)} Frappe-tier test(s) skipped with PGPOOL_REQUIRE_FRAPPE=1:", red=True
+		)
+		for line in _frappe_skips:
+			terminalreporter.write_line(f"  {line}", red=True)
+	else:
+		terminalreporter.write_line(f"Frappe tier: {len(_frappe_skips)} test(s) skipped: {_frappe_skips[0]}")
