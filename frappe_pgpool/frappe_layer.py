@@ -12,6 +12,7 @@ import weakref
 from typing import Any
 
 import psycopg2
+import psycopg2.extensions as ext
 
 from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
 from .pool.connection import set_keepalive
@@ -63,9 +64,17 @@ def get_connection(wrapped, instance, args, kwargs):
 	"""Wrapper of PostgresDatabase.get_connection: a pooled connection when the site pools."""
 	import frappe
 
+	previous = instance.__dict__.get("_conn")
+	if previous is not None and registry.owns(previous):
+		# connect() over an open checkout (v16 reconnects on OperationalError without close()):
+		# give the old one back first, or it keeps its slot until the object is collected.
+		instance._pgpool_statements = None
+		_detach_finalizer(previous)
+		registry.putconn(previous)
 	site = getattr(frappe.local, "site", None)
 	config = site_pool_config(site, frappe.local.conf) if site else None
 	if config is None:
+		instance._pgpool_statements = None
 		if site and any(key.site == site for key in registry.pools()):
 			registry.close_site(site)  # pooling was switched off: drop what this process holds
 		return wrapped(*args, **kwargs)
@@ -84,7 +93,7 @@ def get_connection(wrapped, instance, args, kwargs):
 
 	conn = registry.getconn(pool_key(site, instance), config, connect)
 	publisher.configure(frappe.local.conf.get("redis_cache"))
-	instance._pgpool_first_statement = True
+	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
 	# A Database dropped without close() (frappe.connect over an open one, a lost local)
 	# must not keep its slot: discard the connection when the object goes away.
 	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
@@ -120,36 +129,60 @@ def close(wrapped, instance, args, kwargs):
 		return wrapped(*args, **kwargs)
 	instance._cursor = None
 	instance._conn = None
+	instance._pgpool_statements = None
 	_detach_finalizer(conn)
 	registry.putconn(conn)
 	return None
 
 
 def sql(wrapped, instance, args, kwargs):
-	"""Wrapper of Database.sql: retry once when a pooled connection died under its first statement.
+	"""Wrapper of Database.sql: retry once when a pooled connection died before its first statement.
 
-	The checkout's liveness check leaves a window (the server can go away between the check and
-	the first statement). A statement that fails because the connection is gone, when it is the
-	first of this checkout and not in autocommit, cannot have committed anything: psycopg2 sent
-	its BEGIN first, and the server rolls back a transaction whose connection dies. So it is run
-	again, once, on a fresh connection. Any later statement's failure is raised as usual.
+	The checkout's liveness check leaves a window: the server can go away between the check and
+	the first statement. A retry is safe only when nothing of the transaction or session can have
+	been lost, so only the checkout's first statement is retried, and only when psycopg2 was idle
+	before it and not in autocommit (its BEGIN went first, and the server rolls back a transaction
+	whose connection dies). `_pgpool_statements` counts the sql() calls begun on the checkout (the
+	get_connection wrapper sets it to 0); a call entered with no connection is the one that connects
+	(Frappe connects lazily inside the first sql()), so its statement is the first unless a nested
+	sql() ran inside connect() (v15's SET LOCAL statement_timeout), which that nested call counts.
+	A statement that connect() runs on the cursor itself (v16's SET search_path) fails inside the
+	lazily connecting call and is covered by it: the retry runs connect() again.
 	"""
-	if not instance.__dict__.get("_pgpool_first_statement"):
-		return wrapped(*args, **kwargs)
+	state = instance.__dict__
+	conn = state.get("_conn")
+	if conn is None:
+		expected = 0  # this call connects; nothing else may run on the checkout before its failure
+	else:
+		count = state.get("_pgpool_statements")
+		if count is None:  # not a pooled checkout
+			return wrapped(*args, **kwargs)
+		state["_pgpool_statements"] = count + 1
+		if count or conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+			return wrapped(*args, **kwargs)
+		expected = 1
 	try:
 		return wrapped(*args, **kwargs)
 	except psycopg2.OperationalError:
-		conn = instance.__dict__.get("_conn")
-		if conn is None or not conn.closed or conn.autocommit or not registry.owns(conn):
+		dead = state.get("_conn")
+		if (
+			dead is None
+			or (conn is not None and dead is not conn)
+			or state.get("_pgpool_statements") != expected
+			or not dead.closed
+			or dead.autocommit
+			or not registry.owns(dead)
+		):
 			raise
 		log.warning("frappe_pgpool: a pooled connection died before its first statement ran; retrying once")
 		instance._cursor = None
 		instance._conn = None
-		_detach_finalizer(conn)
-		registry.putconn(conn, discard=True)
+		_detach_finalizer(dead)
+		registry.putconn(dead, discard=True)
 		return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
 	finally:
-		instance._pgpool_first_statement = False
+		if conn is None and state.get("_pgpool_statements") == 0:
+			state["_pgpool_statements"] = 1  # the statement of the call that connected
 
 
 def _detach_finalizer(conn) -> None:
