@@ -198,14 +198,31 @@ out("done")
 """
 
 
-@pytest.mark.parametrize("forking", [True, False], ids=["fork-per-job", "simple-worker"])
-def test_background_jobs(env, forking):
+# Frappe v16's FRAPPE_BACKGROUND_WORKERS_NOFORK shape on v15: an RQ WorkerPool (as
+# start_worker_pool builds) whose worker processes run every job in-process (FrappeWorkerNoFork).
+NOFORK_POOL = """
+import frappe
+from rq import SimpleWorker
+from rq.worker_pool import WorkerPool
+from frappe.utils.background_jobs import get_redis_conn, get_queue_list
+with frappe.init_site():
+    conn = get_redis_conn()
+    queues = get_queue_list(["{queue}"], build_queue_name=True)
+WorkerPool(queues, connection=conn, num_workers=2, worker_class=SimpleWorker).start(logging_level="WARNING", burst=True)
+out("done")
+"""
+
+
+@pytest.mark.parametrize(
+	"shape", ["fork-per-job", "simple-worker", "no-fork-worker-pool"], ids=lambda shape: shape
+)
+def test_background_jobs(env, shape):
 	bouncer, upstream = env["bouncer"], env["upstream"]
 	db = db_name(SITE)
 	queue = "long"
 	run_in_bench(JOBS_SCRIPT.format(n=500, queue=queue))
 	before = bouncer.logins(db)
-	if forking:
+	if shape == "fork-per-job":
 		run_in_bench(
 			f"""
 			from frappe.utils.background_jobs import start_worker
@@ -213,13 +230,17 @@ def test_background_jobs(env, forking):
 			out("done")
 			"""
 		)
-	else:
+	elif shape == "simple-worker":
 		run_in_bench(SIMPLE_WORKER.format(queue=queue))
+	else:
+		run_in_bench(NOFORK_POOL.format(queue=queue))
 	logins = bouncer.logins(db) - before
 	left = len(backends(upstream, SITE))
-	print(f"\njobs ({'fork per job' if forking else 'simple worker'}): 500 jobs -> {logins} pgBouncer logins")
-	if forking:
+	print(f"\njobs ({shape}): 500 jobs -> {logins} pgBouncer logins")
+	if shape == "fork-per-job":
 		assert logins == 500  # a work-horse is a new process: its own connection, never its parent's
-	else:
+	elif shape == "simple-worker":
 		assert logins == 1  # one process runs all jobs: one connection reused
+	else:
+		assert 1 <= logins <= 2  # one per pool worker that took jobs, for all 500 jobs
 	assert left <= 1 + 2  # nothing leaks: at most the idle one
