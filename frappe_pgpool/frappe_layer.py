@@ -192,6 +192,8 @@ def _detach_finalizer(conn) -> None:
 
 
 def _abandoned(conn) -> None:
+	# Run by the garbage collector, possibly inside an allocation made while this thread holds a pool
+	# lock: it must take no lock (a dict pop and a deque append are atomic). The registry discards the
+	# connection at its next checkout, return or reaper round.
 	_finalizers.pop(id(conn), None)
-	if registry.owns(conn):
-		registry.putconn(conn, discard=True)
+	registry.abandon(conn)

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ class PoolRegistry:
 		self._lock = threading.Lock()
 		self._pools: dict[PoolKey, ConnectionPool] = {}
 		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
+		# Connections given up by a finalizer (see abandon), discarded at the next checkout, return or reaper round.
+		self._abandoned: deque[ext.connection] = deque()
 		self._pid = os.getpid()
 		self.reap_interval = reap_interval  # 0: no reaper thread, idle connections pruned on use only
 		self._reaper: _Reaper | None = None
@@ -62,6 +65,8 @@ class PoolRegistry:
 		_registries.add(self)
 
 	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
+		if self._abandoned:
+			self._drain_abandoned()
 		pool = self.pool(key, config)
 		conn = pool.getconn(connect)
 		# No lock: a dict item set/pop is atomic, and an id cannot be reused while the pool
@@ -71,6 +76,8 @@ class PoolRegistry:
 
 	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
 		"""Return a pooled connection; False if it is not one of ours (caller closes it as usual)."""
+		if self._abandoned:
+			self._drain_abandoned()
 		pool = self._owner.pop(id(conn), None)
 		if pool is None:
 			return False
@@ -79,6 +86,26 @@ class PoolRegistry:
 	def owns(self, conn: ext.connection) -> bool:
 		pool = self._owner.get(id(conn))
 		return pool is not None and pool.owns(conn)
+
+	def abandon(self, conn: ext.connection) -> None:
+		"""Discard a checked-out connection later: safe from a finalizer or __del__, wherever it runs.
+
+		The cyclic garbage collector runs finalizers inside whatever allocation triggers it, which can
+		be one made while this very thread holds a pool's lock (non-reentrant): taking any lock here
+		could deadlock. So this only appends to a deque (atomic); the connection is discarded at the
+		next checkout, return or reaper round, by a caller that holds no lock.
+		"""
+		self._abandoned.append(conn)
+
+	def _drain_abandoned(self) -> None:
+		while True:
+			try:
+				conn = self._abandoned.popleft()
+			except IndexError:
+				return
+			pool = self._owner.pop(id(conn), None)
+			if pool is not None:
+				pool.putconn(conn, discard=True)
 
 	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
 		self._check_pid()
@@ -108,6 +135,8 @@ class PoolRegistry:
 
 	def maintain(self) -> int:
 		"""Prune every pool's stale idle connections (the reaper does this every reap_interval)."""
+		if self._abandoned:
+			self._drain_abandoned()
 		return sum(pool.maintain() for pool in self.pools().values())
 
 	def _ensure_reaper(self) -> None:
@@ -132,6 +161,7 @@ class PoolRegistry:
 			pool.disown_all()
 		self._pools = {}
 		self._owner = {}
+		self._abandoned = deque()  # the parent's connections, disowned above
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
 		self._reaper = None  # the parent's thread does not exist here
 		self._pid = os.getpid()
