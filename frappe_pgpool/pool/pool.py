@@ -30,6 +30,9 @@ log = logging.getLogger("frappe_pgpool")
 
 Connect = Callable[[], ext.connection]
 
+# Frames of this package are left out of the stack a leak warning shows: it names the caller.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 # A connection's lifetime is shortened by up to this fraction, so that connections opened
 # together (a worker's burst at start) do not all expire and reconnect together.
 LIFETIME_JITTER = 0.1
@@ -58,6 +61,9 @@ class _Waiter:
 	record: _Record | None = None
 	may_connect: bool = False
 	error: BaseException | None = None
+	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
+	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
+	done: bool = False
 
 
 @dataclass
@@ -110,9 +116,21 @@ class ConnectionPool:
 		self._close_records(stale)
 		if waiter is not None:
 			record = self._wait(waiter, timeout)
-		if record is not None:
-			return record.conn
-		return self._open(connect)
+		conn = record.conn if record is not None else self._open(connect)
+		if self.config.leak_warning:
+			self._note_taker(conn)
+		return conn
+
+	def _note_taker(self, conn: ext.connection) -> None:
+		"""Record the stack of the caller that now holds conn, for the leak warning.
+
+		Done by the taker itself, outside the lock: a connection handed over by putconn was given
+		out by the returning thread, whose stack says nothing about who holds it now.
+		"""
+		record = self._in_use.get(id(conn))
+		if record is not None and record.conn is conn:
+			frames = [f for f in traceback.extract_stack(limit=40) if not f.filename.startswith(_PACKAGE_DIR)]
+			record.checkout_stack = "".join(traceback.format_list(frames[-30:]))
 
 	def _take_idle(self) -> tuple[_Record | None, list[tuple[_Record, str]]]:
 		"""Pop the newest usable idle record; collect the stale ones for closing. Under the lock."""
@@ -155,33 +173,66 @@ class ConnectionPool:
 	def _hand_out(self, record: _Record) -> None:
 		record.checked_out_at = self._clock()
 		record.leak_reported = False
-		if self.config.leak_warning:
-			record.checkout_stack = "".join(traceback.format_stack(limit=30)[:-3])
+		record.checkout_stack = None  # set by the taker (_note_taker), not here: this may be a hand-off
 		self._in_use[id(record.conn)] = record
 		self.stats.checkouts += 1
 
 	def _wait(self, waiter: _Waiter, timeout: float) -> _Record | None:
 		started = self._clock()
-		waiter.event.wait(timeout)
-		with self._lock:
-			waited = self._clock() - started
-			self.stats.waits += 1
-			self.stats.wait_seconds_total += waited
-			self.stats.wait_seconds_max = max(self.stats.wait_seconds_max, waited)
-			self.stats.recent_waits.append(waited)
-			if waiter.error is not None:
-				raise waiter.error
-			if waiter.record is not None or waiter.may_connect:
-				return waiter.record  # already handed out (or a slot reserved) by the waker
-			self._waiters.remove(waiter)
-			self.stats.timeouts += 1
-			in_use, waiting = len(self._in_use), len(self._waiters)
+		try:
+			waiter.event.wait(timeout)
+			with self._lock:
+				waited = self._clock() - started
+				self.stats.waits += 1
+				self.stats.wait_seconds_total += waited
+				self.stats.wait_seconds_max = max(self.stats.wait_seconds_max, waited)
+				self.stats.recent_waits.append(waited)
+				waiter.done = True
+				if waiter.error is not None:
+					raise waiter.error
+				if waiter.record is not None or waiter.may_connect:
+					return waiter.record  # already handed out (or a slot reserved) by the waker
+				self._waiters.remove(waiter)
+				self.stats.timeouts += 1
+				in_use, waiting = len(self._in_use), len(self._waiters)
+		except BaseException:
+			# Raised into the waiting thread (RQ's job timeout from SIGALRM, KeyboardInterrupt) or
+			# the pool's own error: a waiter that gives up must not keep its place or what it got.
+			self._cancel(waiter)
+			raise
 		raise PoolTimeout(
 			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s "
 			f"(db_pool_size={self.config.size}: {in_use} in use, {waiting} other requests waiting). "
 			"Raise db_pool_size and db_pool_timeout within pgBouncer's default_pool_size, "
 			"or find what holds connections (db_pool_leak_warning)."
 		)
+
+	def _cancel(self, waiter: _Waiter) -> None:
+		"""The waiting caller gave up: pass on what it was handed meanwhile, or leave the queue."""
+		record = None
+		with self._lock:
+			if waiter.done:
+				return
+			waiter.done = True
+			if waiter.record is not None:  # handed over just as it gave up: it goes to the next caller
+				record, waiter.record = waiter.record, None
+				del self._in_use[id(record.conn)]
+				reason = self._check_in(record)
+				if reason is None:
+					return
+				self.stats.closed[reason] += 1
+				self._grant_slot()
+			elif waiter.may_connect:  # a slot was reserved for it to open a connection in
+				waiter.may_connect = False
+				self._opening -= 1
+				self._grant_slot()
+				return
+			elif waiter in self._waiters:  # not if close() failed it meanwhile
+				self._waiters.remove(waiter)
+				return
+			else:
+				return
+		close_quietly(record.conn)
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
@@ -233,36 +284,44 @@ class ConnectionPool:
 				return False
 			del self._in_use[id(conn)]
 			self._returning += 1  # keeps its slot while it is reset: the size bound holds
-			if self.config.leak_warning:
-				self._report_leaks_locked()
-		if os.getpid() != self.pid:
-			disown(conn)  # a child returning its parent's connection: never touch the socket
-			reason = "fork"
-		else:
-			reason = self._retire_reason(record, discard)
-		if reason is None:
-			try:
-				reset(conn, record.defaults, self.config.reset_query)
-			except Exception as e:  # any failure leaves the session in an unknown state
-				log.info("frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e)
-				reason = "reset_failed"
-		if reason is None:
-			record.returned_at = self._clock()
-			record.checkout_stack = None
+			leaks = self._find_leaks() if self.config.leak_warning else None
+		forked = os.getpid() != self.pid
+		try:
+			if leaks:
+				self._log_leaks(leaks)  # outside the lock: logging handlers take locks and allocate
+			if forked:
+				disown(conn)  # a child returning its parent's connection: never touch the socket
+				reason = "fork"
+			else:
+				reason = self._retire_reason(record, discard)
+			if reason is None:
+				try:
+					reset(conn, record.defaults, self.config.reset_query)
+				except Exception as e:  # any failure leaves the session in an unknown state
+					log.info(
+						"frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e
+					)
+					reason = "reset_failed"
+			if reason is None:
+				record.returned_at = self._clock()
+				record.checkout_stack = None
+		except BaseException:
+			# Interrupted mid-reset (a job timeout, KeyboardInterrupt): the session's state is unknown,
+			# so the connection is closed, and its slot freed for the next caller.
+			if not forked:
+				close_quietly(conn)
+			with self._lock:
+				self._returning -= 1
+				self.stats.closed["fork" if forked else "reset_failed"] += 1
+				self._grant_slot()
+			raise
 		with self._lock:
 			self._returning -= 1
 			if reason is None:
 				self.stats.returns += 1
-				if self._waiters:
-					waiter = self._waiters.popleft()
-					self._hand_out(record)
-					waiter.record = record
-					waiter.event.set()
+				reason = self._check_in(record)
+				if reason is None:
 					return True
-				if not self._closed and self._total() < self.config.size:
-					self._idle.append(record)
-					return True
-				reason = "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
 			self.stats.closed[reason] += 1
 			self._grant_slot()
 		if reason != "fork":
@@ -286,6 +345,22 @@ class ConnectionPool:
 			return "pool_closed"
 		return None
 
+	def _check_in(self, record: _Record) -> str | None:
+		"""A clean connection is free: hand it to the first waiter, or keep it idle. Under the lock.
+
+		Returns why it must be closed instead (the pool was closed or shrunk while it was out).
+		"""
+		if self._waiters:
+			waiter = self._waiters.popleft()
+			self._hand_out(record)
+			waiter.record = record
+			waiter.event.set()
+			return None
+		if not self._closed and self._total() < self.config.size:
+			self._idle.append(record)
+			return None
+		return "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
+
 	def _grant_slot(self) -> None:
 		"""A slot freed up: let the first waiter open a connection in it. Under the lock."""
 		if self._waiters and self._total() < self.config.size:
@@ -297,22 +372,27 @@ class ConnectionPool:
 	def _total(self) -> int:
 		return len(self._idle) + len(self._in_use) + self._opening + self._returning
 
-	def _report_leaks_locked(self) -> None:
+	def _find_leaks(self) -> list[tuple[float, str | None]]:
+		"""Connections checked out longer than leak_warning, each reported once. Under the lock."""
 		threshold = self.config.leak_warning
-		if not threshold:
-			return
 		now = self._clock()
+		leaks = []
 		for record in self._in_use.values():
 			if not record.leak_reported and now - record.checked_out_at >= threshold:
 				record.leak_reported = True
-				log.warning(
-					"frappe_pgpool: a connection of %s has been checked out for %.1fs (db_pool_leak_warning=%gs); "
-					"it was taken at:\n%s",
-					self.name,
-					now - record.checked_out_at,
-					threshold,
-					record.checkout_stack or "(stack not recorded)",
-				)
+				leaks.append((now - record.checked_out_at, record.checkout_stack))
+		return leaks
+
+	def _log_leaks(self, leaks: list[tuple[float, str | None]]) -> None:
+		for held_for, stack in leaks:
+			log.warning(
+				"frappe_pgpool: a connection of %s has been checked out for %.1fs (db_pool_leak_warning=%gs); "
+				"it was taken at:\n%s",
+				self.name,
+				held_for,
+				self.config.leak_warning,
+				stack or "(stack not recorded)",
+			)
 
 	# -- life cycle -------------------------------------------------------------------------
 

@@ -1,0 +1,272 @@
+"""Interrupted callers and re-entrant callbacks, on real servers (issue 11 items 4, 5, 7).
+
+A caller can be interrupted anywhere: RQ's job timeout raises from a SIGALRM handler, Ctrl-C raises
+KeyboardInterrupt, gevent raises its Timeout; and the cyclic garbage collector can run a finalizer in
+the middle of any allocation, including one made while the pool's lock is held. None of these may
+leave the pool's accounting wrong, hand a connection to nobody, or deadlock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import signal
+import threading
+import time
+import weakref
+
+import pytest
+
+from frappe_pgpool import frappe_layer
+from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolRegistry
+
+from .conftest import backend_pid, frappe_like_factory, key_for
+
+
+class JobTimeout(BaseException):
+	"""What an interruption looks like to the pool: raised into the thread from outside."""
+
+
+def wait_for(predicate, seconds: float = 5.0) -> None:
+	deadline = time.monotonic() + seconds
+	while not predicate():
+		assert time.monotonic() < deadline, "condition not reached"
+		time.sleep(0.001)
+
+
+def raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+	"""Schedule exc_type in `thread`: raised as soon as it runs Python code again (as on a wake-up)."""
+	done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+		ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)
+	)
+	assert done == 1
+
+
+class alarm:
+	"""signal.setitimer + a SIGALRM handler raising JobTimeout, as RQ's job timeout does."""
+
+	def __init__(self, seconds: float) -> None:
+		self.seconds = seconds
+
+	def __enter__(self):
+		def handler(signum, frame):
+			raise JobTimeout(f"job exceeded {self.seconds}s")
+
+		self.previous = signal.signal(signal.SIGALRM, handler)
+		signal.setitimer(signal.ITIMER_REAL, self.seconds)
+		return self
+
+	def __exit__(self, *exc):
+		signal.setitimer(signal.ITIMER_REAL, 0)
+		signal.signal(signal.SIGALRM, self.previous)
+		return False
+
+
+def accounting(pool: ConnectionPool) -> tuple[int, int, int, int, int]:
+	snap = pool.snapshot()
+	return snap["size"], snap["idle"], snap["in_use"], snap["opening"], snap["waiting"]
+
+
+# -- item 4: the abandoned-connection finalizer, run by the cyclic GC under the pool lock --------------
+
+
+def test_gc_finalizer_run_while_the_pool_lock_is_held_does_not_deadlock(bouncer, monkeypatch):
+	"""A Database dropped without close() is collected by the cyclic GC, which can run inside any
+	allocation, also one made under the pool's (non-reentrant) lock; its finalizer gives the connection
+	back. Here the GC runs from the pool's clock, which the pool reads under its lock."""
+	reg = PoolRegistry(reap_interval=0)
+	monkeypatch.setattr(frappe_layer, "registry", reg)
+	key = key_for(bouncer=bouncer, site="gc-finalizer")
+	config = PoolConfig(size=3, timeout=2, leak_warning=30)
+	connect = frappe_like_factory(bouncer)
+	pool = reg.pool(key, config)
+	collect_now = threading.Event()
+	under_lock = []
+	real_clock = pool._clock
+
+	def clock() -> float:
+		if collect_now.is_set() and pool._lock.locked():
+			collect_now.clear()
+			under_lock.append(True)
+			gc.collect()
+		return real_clock()
+
+	pool._clock = clock
+
+	class Database:  # Frappe's Database object: part of a reference cycle, so only the GC frees it
+		def __init__(self) -> None:
+			self.me = self
+
+	deadlocked = False
+	gc.disable()
+	try:
+		db = Database()
+		abandoned = reg.getconn(key, config, connect)
+		# exactly what frappe_layer.get_connection registers for each checkout
+		frappe_layer._finalizers[id(abandoned)] = weakref.finalize(db, frappe_layer._abandoned, abandoned)
+		del db
+		collect_now.set()
+		got: list = []
+		t = threading.Thread(target=lambda: got.append(reg.getconn(key, config, connect)), daemon=True)
+		t.start()
+		t.join(5)
+		deadlocked = t.is_alive()
+		assert not deadlocked, "the finalizer deadlocked on the pool lock"
+		assert under_lock == [True] and len(got) == 1
+		reg.putconn(got[0])  # the next return (or checkout, or reaper round) drains the queued finalizer
+		snap = pool.snapshot()
+		assert (snap["in_use"], snap["idle"], snap["closed"]) == (0, 1, {"discarded": 1})
+		assert abandoned.closed
+	finally:
+		gc.enable()
+		if not deadlocked:
+			reg.close_all()
+
+
+def test_finalizer_queued_while_the_process_is_quiet_is_drained_by_the_reaper(bouncer, monkeypatch):
+	reg = PoolRegistry(reap_interval=0.1)
+	monkeypatch.setattr(frappe_layer, "registry", reg)
+	key = key_for(bouncer=bouncer, site="gc-reaper")
+	config = PoolConfig(size=2, timeout=2)
+	conn = reg.getconn(key, config, frappe_like_factory(bouncer))
+	frappe_layer._abandoned(conn)  # what the finalizer does, from wherever the GC happens to run
+	try:
+		wait_for(lambda: reg.pool(key, config).snapshot()["in_use"] == 0, 3)
+		assert conn.closed and reg.pool(key, config).snapshot()["closed"] == {"discarded": 1}
+	finally:
+		reg.close_all()
+
+
+# -- item 5: waiters that give up, and a return interrupted during its reset --------------------------
+
+
+@pytest.mark.parametrize("discard", [False, True], ids=["returned", "discarded"])
+def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
+	pool = ConnectionPool("site ghost.local", PoolConfig(size=1, timeout=5))
+	connect = frappe_like_factory(bouncer)
+	held = pool.getconn(connect)
+	started = time.monotonic()
+	with alarm(0.2), pytest.raises(JobTimeout):
+		pool.getconn(connect)
+	assert time.monotonic() - started < 2
+	assert accounting(pool) == (1, 0, 1, 0, 0)  # size, idle, in_use, opening, waiting: no ghost queued
+	pool.putconn(held, discard=discard)
+	started = time.monotonic()
+	conn = pool.getconn(connect, timeout=1)  # the next caller is served at once
+	assert time.monotonic() - started < 0.5
+	assert accounting(pool) == (1, 0, 1, 0, 0)
+	pool.putconn(conn)
+	assert accounting(pool) == (1, 1, 0, 0, 0)
+	pool.close()
+
+
+@pytest.mark.parametrize("discard", [False, True], ids=["handed-a-connection", "granted-a-slot"])
+def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, discard):
+	"""The exception reaches the waiter just as it is woken by the hand-off: the connection (or the
+	slot to open one) it was given must not be lost with it."""
+	pool = ConnectionPool("site handoff.local", PoolConfig(size=1, timeout=5))
+	connect = frappe_like_factory(bouncer)
+	held = pool.getconn(connect)
+	pid = backend_pid(held)
+	outcome: list[BaseException] = []
+
+	def waiter() -> None:
+		try:
+			outcome.append(pool.getconn(connect))
+		except BaseException as e:
+			outcome.append(e)
+
+	t = threading.Thread(target=waiter)
+	t.start()
+	wait_for(lambda: pool.snapshot()["waiting"] == 1)
+	raise_in_thread(t, JobTimeout)  # delivered when it wakes: blocked threads run no Python code
+	pool.putconn(held, discard=discard)
+	t.join(5)
+	assert len(outcome) == 1 and isinstance(outcome[0], JobTimeout)
+	assert accounting(pool) == ((0, 0, 0, 0, 0) if discard else (1, 1, 0, 0, 0))
+	conn = pool.getconn(connect, timeout=1)
+	assert (backend_pid(conn) == pid) is not discard  # the reset connection itself, kept warm
+	pool.putconn(conn)
+	assert accounting(pool) == (1, 1, 0, 0, 0)
+	pool.close()
+
+
+def test_an_interruption_during_the_reset_frees_the_slot(bouncer):
+	"""putconn's reset is a round trip; an exception raised into it (not an Exception: those are
+	handled) must not keep the slot reserved, nor put a half-reset session back."""
+	pool = ConnectionPool(
+		"site reset.local", PoolConfig(size=1, timeout=0.5, reset_query="SELECT pg_sleep(0.3)")
+	)
+	connect = frappe_like_factory(bouncer)
+	conn = pool.getconn(connect)
+	with alarm(0.1), pytest.raises(JobTimeout):
+		pool.putconn(conn)
+	assert conn.closed  # its session state is unknown: never reused
+	assert accounting(pool) == (0, 0, 0, 0, 0)
+	assert pool.snapshot()["closed"] == {"reset_failed": 1}
+	fresh = pool.getconn(connect, timeout=0.5)
+	assert not fresh.closed
+	pool.putconn(fresh, discard=True)
+	pool.close()
+
+
+# -- item 7 (pool part): the leak warning ------------------------------------------------------------
+
+
+def test_leak_warning_after_a_hand_off_shows_the_takers_stack(bouncer, caplog):
+	pool = ConnectionPool("site handoff-leak.local", PoolConfig(size=2, timeout=5, leak_warning=0.2))
+	connect = frappe_like_factory(bouncer)
+	first, second = pool.getconn(connect), pool.getconn(connect)
+	got = []
+
+	def taker_waits_for_a_hand_off() -> None:
+		got.append(pool.getconn(connect))
+
+	def give_back(conn) -> None:
+		pool.putconn(conn)
+
+	def returner_hands_off() -> None:
+		give_back(first)
+
+	t = threading.Thread(target=taker_waits_for_a_hand_off)
+	t.start()
+	wait_for(lambda: pool.snapshot()["waiting"] == 1)
+	returner_hands_off()
+	t.join(5)
+	assert got == [first]
+	time.sleep(0.3)
+	with caplog.at_level(logging.WARNING, logger="frappe_pgpool"):
+		pool.putconn(second)  # a return checks for leaks
+	(record,) = [r for r in caplog.records if "checked out for" in r.getMessage()]
+	assert "taker_waits_for_a_hand_off" in record.getMessage()
+	assert "returner_hands_off" not in record.getMessage()
+	pool.putconn(first)
+	pool.close()
+
+
+def test_leak_warning_is_logged_without_holding_the_pool_lock(bouncer):
+	pool = ConnectionPool("site leak-lock.local", PoolConfig(size=2, leak_warning=0.1))
+	connect = frappe_like_factory(bouncer)
+	lock_free_when_logging: list[bool] = []
+
+	class Probe(logging.Handler):
+		def emit(self, record: logging.LogRecord) -> None:
+			if "checked out for" in record.getMessage():
+				free = pool._lock.acquire(blocking=False)
+				if free:
+					pool._lock.release()
+				lock_free_when_logging.append(free)
+
+	probe = Probe()
+	logger = logging.getLogger("frappe_pgpool")
+	logger.addHandler(probe)
+	try:
+		held = pool.getconn(connect)
+		time.sleep(0.15)
+		pool.putconn(pool.getconn(connect))
+	finally:
+		logger.removeHandler(probe)
+	assert lock_free_when_logging == [True]
+	pool.putconn(held)
+	pool.close()
