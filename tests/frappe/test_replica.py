@@ -103,6 +103,14 @@ def probe(write=""):
 
 
 @frappe.whitelist(allow_guest=True)
+def maintenance():
+	"""Under maintenance_mode with allow_reads_during_maintenance the whole request reads the replica."""
+	first = who()
+	written = frappe.write_only()(who)()  # as frappe's access log writes during a read-only request
+	return {"first": first, "written": written, "pools": pools()}
+
+
+@frappe.whitelist(allow_guest=True)
 @frappe.read_only()
 def read_only_method():
 	"""A whitelisted method decorated with frappe.read_only, as Frappe's report endpoints are."""
@@ -366,3 +374,37 @@ def test_a_bench_script_read_only_block_swaps_and_returns(standby):
 	assert len({replica[0] for _, replica, _ in rows}) == 1 and len({first[0] for first, _, _ in rows}) == 1
 	assert sorted(p[1:] for p in seen["pools"]) == [[1, 0, 1], [1, 0, 1]]  # created, in use, idle
 	assert str(standby.port) in {p[0] for p in seen["pools"]}
+
+
+def test_a_replica_session_killed_while_idle_is_replaced_without_failing_the_request(standby, probe_module):
+	db = read_site_config(SITE)["db_name"]
+	with replica_config(standby, SITE), Gunicorn(workers=1) as web:
+		before = probe(web, SITE)
+		killed = before["replica"]["pid"]
+		standby.execute("SELECT pg_terminate_backend(%s)", (killed,))
+		while any(b["pid"] == killed for b in standby.backends(db)):
+			time.sleep(0.02)
+		after = probe(web, SITE)
+	assert after["replica"]["recovery"] is True and after["replica"]["pid"] != killed
+	assert after["first"]["pid"] == before["first"]["pid"]  # the primary's session is not touched
+	pool = replica_pool(after["pools_after_block"], standby)
+	assert pool["created"] == 2 and pool["closed"] == {"dead": 1} and pool["in_use"] == 0
+
+
+def test_maintenance_mode_reads_from_the_replica_and_leaks_nothing(standby, probe_module):
+	"""allow_reads_during_maintenance: Frappe swaps to the replica for the whole request and never
+	swaps back, so frappe.destroy closes the replica only; a primary session opened through
+	frappe.write_only is never closed by Frappe (plain Frappe leaves it to the garbage collector). The
+	pool returns the replica's session and discards the abandoned primary one: nothing leaks."""
+	with replica_config(standby, SITE, maintenance_mode=1, allow_reads_during_maintenance=1):
+		with Gunicorn(workers=1) as web:
+			results = [web.request(f"/api/method/{PROBE}.maintenance", SITE) for _ in range(10)]
+	assert {code for code, _ in results} == {200}
+	seen = [body["message"] for _, body in results]
+	assert all(s["first"]["recovery"] is True and s["written"]["recovery"] is False for s in seen)
+	assert len({s["first"]["pid"] for s in seen}) == 1  # one pooled replica session for every request
+	last = {p["port"] == str(standby.port): p for p in seen[-1]["pools"]}
+	assert last[True]["created"] == 1
+	# the primary's: one per request, each abandoned by Frappe and discarded, never more than one open
+	assert last[False]["created"] == 10 and last[False]["closed"] == {"discarded": 9}
+	assert all(p["size"] <= 1 for s in seen for p in s["pools"])
