@@ -68,10 +68,23 @@ class HotStandby:
 	def primary_execute(self, sql: str, args=None, dbname: str = "postgres") -> list[dict]:
 		return _execute(self.primary(dbname), sql, args)
 
+	def _bindir(self) -> Path:
+		"""The server binaries of the primary's major version: a standby must run the same one."""
+		(row,) = self.primary_execute("SELECT current_setting('server_version_num')::int / 10000 AS major")
+		same = Path(f"/usr/lib/postgresql/{row['major']}/bin")
+		if not os.environ.get("PGPOOL_PG_BINDIR") and (same / "pg_basebackup").exists():
+			return same
+		return _pg_bindir()
+
 	def _allow_replication(self) -> None:
 		"""Put our one line first in the primary's pg_hba.conf and reload."""
 		(row,) = self.primary_execute("SHOW hba_file")
 		self._hba_path = Path(row["hba_file"])
+		if not os.access(self._hba_path, os.R_OK | os.W_OK):
+			raise RuntimeError(
+				f"cannot edit the primary's {self._hba_path} to allow replication: run as root, on the "
+				"primary's machine"
+			)
 		text = self._hba_path.read_bytes()
 		text = _without_stale_lines(text)
 		self._hba_line = (
@@ -126,6 +139,7 @@ class HotStandby:
 
 	def start(self) -> HotStandby:
 		started = time.monotonic()
+		self._bin = self._bindir()
 		self.base = _make_dir("pgpool-standby-", self._user)
 		self.data = self.base / "data"
 		self.log = self.base / "standby.log"
