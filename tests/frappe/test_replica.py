@@ -263,7 +263,7 @@ def test_read_only_is_served_by_the_standby_and_the_rest_of_the_request_by_the_p
 	assert logins == 1  # 121 read_only blocks, one login on the standby
 	print(
 		f"\nreplica: 61 probe requests, 20 read_only methods, 40 get_count, 1 sync worker: "
-		f"standby logins={logins}, "
+		f"standby logins={logins}, process budget {final.get('budget', 'n/a')}, "
 		f"replica backend {replica_pid}, primary backend {primary_pids}"
 	)
 
