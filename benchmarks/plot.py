@@ -1,4 +1,4 @@
-"""Plots for the end-to-end reports, from their JSON: e2e.png and distance.png.
+"""Plots for the end-to-end reports, from their JSON: e2e.png, distance.png and sites.png.
 
 python benchmarks/plot.py [results dir]
 """
@@ -66,9 +66,78 @@ def distance(rows: list[dict], path: Path) -> None:
 	fig.savefig(path, dpi=100)
 
 
+def sites(rows: list[dict], path: Path) -> None:
+	"""Many sites: req/s and p95 off vs on (means over rounds) per placement and workers; servers over time."""
+	rows = [r for r in rows if r.get("variant", "default") == "default"]
+	placements = list(dict.fromkeys(r["placement"] for r in rows))
+	workers = list(dict.fromkeys(r["workers"] for r in rows))
+	cells = list(dict.fromkeys((r["shape"], r["traffic"]) for r in rows))
+
+	def mean(metric: str, *key: str) -> float:
+		values = [
+			r[metric]
+			for r in rows
+			if (r["placement"], r["workers"], r["shape"], r["traffic"], r["pool"]) == key
+		]
+		return sum(values) / len(values) if values else 0.0
+
+	fig, axes = plt.subplots(
+		len(placements),
+		2 * len(workers) + 1,
+		figsize=(4.2 * (2 * len(workers) + 1), 3.4 * len(placements)),
+		squeeze=False,
+	)
+	width = 0.38
+	for i, placement in enumerate(placements):
+		for j, w in enumerate(workers):
+			for k, (metric, label) in enumerate((("rps", "req/s"), ("p95", "p95 ms"))):
+				ax = axes[i][2 * j + k]
+				for n, pool in enumerate(("off", "on")):
+					values = [mean(metric, placement, w, shape, traffic, pool) for shape, traffic in cells]
+					ax.bar(
+						[x + (n - 0.5) * width for x in range(len(cells))],
+						values,
+						width,
+						label=f"pool {pool}",
+					)
+				ax.set_xticks(range(len(cells)), [f"{s}\n{t}" for s, t in cells], fontsize=7)
+				ax.set_title(f"{placement}, {w}: {label}", fontsize=9)
+				ax.legend(fontsize=7)
+		ax = axes[i][-1]  # connections to PostgreSQL over time: own sites, Zipf traffic, last round
+		for w, color in zip(workers, ("tab:blue", "tab:orange"), strict=False):
+			for pool, style in (("off", "--"), ("on", "-")):
+				matching = [
+					r
+					for r in rows
+					if (r["placement"], r["workers"], r["shape"], r["traffic"], r["pool"])
+					== (placement, w, "own", "zipf", pool)
+				]
+				if not matching:
+					continue
+				row = matching[-1]
+				# pgBouncer's servers from its log (exact), or sampled backends without pgBouncer
+				points = row.get("timeline") or [[s["t"], 0, s["backends"]] for s in row["samples"]]
+				ax.step(
+					[p[0] for p in points],
+					[p[2] for p in points],
+					style,
+					where="post",
+					color=color,
+					label=f"{w}, pool {pool}",
+				)
+		what = "pgBouncer servers (exact)" if placement != "direct" else "backends (sampled)"
+		ax.set_title(f"{placement}: {what}, own sites, zipf", fontsize=9)
+		ax.set_xlabel("s")
+		ax.set_ylim(bottom=0)
+		ax.legend(fontsize=7)
+	fig.suptitle("Many sites on one bench: pool off vs on (per-process budget, defaults)")
+	fig.tight_layout()
+	fig.savefig(path, dpi=90)
+
+
 def main() -> int:
 	out = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
-	for name, draw in (("e2e", e2e), ("e2e-gthread", e2e), ("distance", distance)):
+	for name, draw in (("e2e", e2e), ("e2e-gthread", e2e), ("distance", distance), ("sites", sites)):
 		source = out / f"{name}.json"
 		if source.exists():
 			draw(json.loads(source.read_text()), out / f"{name}.png")

@@ -1,0 +1,572 @@
+"""Many sites on one bench: pool off vs on with the per-process budget, in one run.
+
+    FRAPPE_BENCH_PATH=~/frappe-bench FRAPPE_SITE=site1.local python benchmarks/sites.py   # ./dev bench-sites
+
+Quick sites copied from FRAPPE_SITE (frappe_pgpool/testing/sites.py): --sites of them with their own
+database and user each ("own"), and --sites more in groups of --group that share one database and
+user ("shared"). For each placement (pgBouncer session mode, pgBouncer transaction mode, no
+pgBouncer) and each worker shape (4 sync workers, 2 gthread workers x 4 threads): pings spread
+uniformly or Zipf-skewed over the sites of a shape, and over one site alone (the single-site
+reference); pool off and on alternate, --rounds pairs each, every row on a fresh gunicorn and a fresh
+pgBouncer. The budget is left at its default ("auto"); in transaction mode the return path's session
+reset is switched off. Then a few settings rows (a numeric db_pool_process_budget).
+
+Per row: req/s, p50/p95/p99, errors; the most pgBouncer clients and servers open at once (exact, from
+its connection log), cl_waiting and PostgreSQL backends sampled every --sample seconds; logins
+(pgBouncer's log, or new backends without it); hit rate (1 - new pooled connections / requests, and the
+engine's own hits/misses/evictions as the processes publish them). The load generator is closed-loop
+Python on the same 2 cores as everything else: it coordinates with the server (tails under overload are
+understated), it cannot see what happens between two samples, and its CPU competes with the workers'.
+Writes sites.md, sites.json (with every sample) and sites.png (benchmarks/plot.py). Removes its quick
+sites at the end unless --keep-sites. About 20 minutes with the defaults on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from frappe_pgpool.pool.config import PoolConfig  # noqa: E402
+from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
+from tests.frappe.bench import BENCH, SITE, bench_problem, run_in_bench  # noqa: E402
+from tests.frappe.e2e import Gunicorn  # noqa: E402
+from tests.frappe.sites import (  # noqa: E402
+	Sampler,
+	backend_sessions,
+	configs_restored,
+	connection_timeline,
+	logins,
+	point_at,
+	set_common_config,
+	set_site_config,
+	start_bouncer,
+	timeline_peaks,
+	upstream,
+)
+
+WORKERS = {"sync 4": (4, 1, 4), "gthread 2x4": (2, 4, 8)}  # name: (workers, threads, clients)
+PLACEMENTS = ("session", "transaction", "direct")
+
+COLLECT = """
+import json
+from frappe_pgpool import publish
+conf = json.load(open("common_site_config.json"))
+out(publish.collect(conf["redis_cache"]))
+"""
+
+
+def percentile(ordered: list[float], q: float) -> float:
+	return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+	return [1 / (rank**s) for rank in range(1, n + 1)]
+
+
+def plan(sites: list[str], traffic: str, requests: int, seed: int, s: float) -> list[str]:
+	rng = random.Random(seed)
+	if traffic == "uniform":
+		return [rng.choice(sites) for _ in range(requests)]
+	return rng.choices(sites, weights=zipf_weights(len(sites), s), k=requests)
+
+
+def worker_cpu(web: Gunicorn) -> float:
+	total = 0.0
+	for pid in web.worker_pids():
+		try:
+			fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+		except OSError:
+			continue
+		total += (int(fields[11]) + int(fields[12])) / 100
+	return total
+
+
+def load(web: Gunicorn, calls: list[str], clients: int) -> tuple[list[float], dict[str, int], float]:
+	"""Closed loop: `clients` threads send the pings of `calls` (site names) in order."""
+	latencies: list[float] = []
+	errors: dict[str, int] = {}
+	lock = threading.Lock()
+	cursor = iter(range(len(calls)))
+
+	def client() -> None:
+		while True:
+			with lock:
+				i = next(cursor, None)
+			if i is None:
+				return
+			started = time.perf_counter()
+			try:
+				code, _ = web.request("/api/method/ping", calls[i])
+				outcome = None if code == 200 else f"HTTP {code}"
+			except Exception as e:
+				outcome = type(e).__name__
+			elapsed = time.perf_counter() - started
+			with lock:
+				if outcome is None:
+					latencies.append(elapsed)
+				else:
+					errors[outcome] = errors.get(outcome, 0) + 1
+
+	started = time.perf_counter()
+	threads = [threading.Thread(target=client) for _ in range(clients)]
+	for t in threads:
+		t.start()
+	for t in threads:
+		t.join()
+	return sorted(latencies), errors, time.perf_counter() - started
+
+
+def downsample(timeline: list[tuple[float, int, int]], start: float, end: float, step: float = 0.1) -> list:
+	"""[t, clients, servers] per `step` seconds of the window (the most of each in the step)."""
+	out: dict[int, list] = {}
+	state = (0, 0)
+	for ts, clients, servers in timeline:
+		if ts < start:
+			state = (clients, servers)
+			continue
+		if ts > end:
+			break
+		slot = int((ts - start) / step)
+		held = out.setdefault(slot, [round(slot * step, 2), *state])
+		held[1], held[2] = max(held[1], clients), max(held[2], servers)
+		state = (clients, servers)
+	return [out[k] for k in sorted(out)]
+
+
+def engine_counters(site_names: set[str]) -> dict:
+	"""Sum of the published pool reports of the row's sites (the processes publish every 5 s)."""
+	reports = [r for r in run_in_bench(COLLECT)[0] if r["site"] in site_names]
+	hits = misses = 0
+	evictions: dict[str, int] = {}
+	budgets = {}
+	for report in reports:
+		for pool in report["pools"]:
+			hits += pool.get("hits", 0) or 0
+			misses += pool.get("misses", 0) or 0
+			for reason, n in (pool.get("evictions") or {}).items():
+				evictions[reason] = evictions.get(reason, 0) + n
+		if isinstance(report.get("budget"), dict):
+			budgets[report["pid"]] = report["budget"]
+	return {"hits": hits, "misses": misses, "evictions": evictions, "budgets": budgets}
+
+
+def transaction_mode_settings() -> dict:
+	"""What a pooled site needs behind pgBouncer in transaction mode, with this version's keys."""
+	keys = set(PoolConfig.keys())
+	if "db_pool_pgbouncer_mode" in keys:
+		return {"db_pool_pgbouncer_mode": "transaction"}
+	return {"db_pool_reset_query": ""}
+
+
+CELLS = (("own", "uniform"), ("own", "zipf"), ("shared", "zipf"), ("single", "one site"))
+# settings rows (pool on, pgBouncer session mode, sync workers, own sites, Zipf), after the main rows:
+# name -> (common_site_config keys, pgBouncer settings)
+VARIANTS = {
+	"budget 2": ({"db_pool_process_budget": 2}, {}),
+	"budget 4": ({"db_pool_process_budget": 4}, {}),
+	"server_idle_timeout 2": ({}, {"server_idle_timeout": 2}),
+}
+
+
+class Run:
+	def __init__(self, args) -> None:
+		self.args = args
+		self.rows: list[dict] = []
+
+	def row(self, *, placement, workers, shape, traffic, pool, sites, calls, dbs, bouncer, **labels) -> dict:
+		args = self.args
+		n_workers, threads, clients = WORKERS[workers]
+		set_site_config(self.all_sites, db_pool_enabled=int(pool == "on"))
+		with Gunicorn(workers=n_workers, threads=threads) as web:
+			load(web, plan(sites, "uniform", args.warmup, 7, 0), clients)  # warm-up
+			logins0 = logins(bouncer, dbs) if bouncer else None
+			sessions0 = backend_sessions(dbs)
+			cpu0 = worker_cpu(web)
+			sampler = Sampler(dbs, bouncer, args.sample)
+			sampler.start()
+			window = time.time()
+			latencies, errors, elapsed = load(web, calls, clients)
+			window = (window, time.time())
+			samples = sampler.stop()
+			cpu = worker_cpu(web) - cpu0
+			sessions = backend_sessions(dbs) - sessions0
+			login_count = logins(bouncer, dbs) - logins0 if bouncer else sessions
+			counters = None
+			if pool == "on" and labels.get("counters"):
+				time.sleep(5.5)  # one publishing round of every process after the last request
+				counters = engine_counters(set(sites))
+		requests = len(calls)
+		exact = {"clients": None, "servers": None, "timeline": []}
+		if bouncer is not None:
+			timeline = connection_timeline(bouncer, dbs)
+			exact["clients"], exact["servers"] = timeline_peaks(timeline, *window)
+			exact["timeline"] = downsample(timeline, *window)
+		row = {
+			"placement": placement,
+			"workers": workers,
+			"shape": shape,
+			"traffic": traffic,
+			"pool": pool,
+			"variant": labels.get("variant", "default"),
+			"round": labels.get("round", 1),
+			"sites": len(sites),
+			"databases": len(dbs),
+			"requests": requests,
+			"clients": clients,
+			"rps": len(latencies) / elapsed,
+			"p50": percentile(latencies, 0.50),
+			"p95": percentile(latencies, 0.95),
+			"p99": percentile(latencies, 0.99),
+			"errors": sum(errors.values()),
+			"error_kinds": errors,
+			"logins": login_count,
+			"new_backends": sessions,
+			"hit_rate": (1 - login_count / requests) if pool == "on" else None,
+			"worker_cpu_ms": cpu * 1000 / requests,
+			"peak_clients": exact["clients"],
+			"peak_servers": exact["servers"],
+			"peak_clients_sampled": max((s.get("clients", 0) for s in samples), default=0)
+			if bouncer
+			else None,
+			"peak_servers_sampled": max((s.get("servers", 0) for s in samples), default=0)
+			if bouncer
+			else None,
+			"peak_cl_waiting": max((s.get("cl_waiting", 0) for s in samples), default=0) if bouncer else None,
+			"peak_backends": max((s["backends"] for s in samples), default=0),
+			"peak_backends_all": max((s["backends_all"] for s in samples), default=0),
+			"peak_clients_per_process": max(
+				[*(max(s.get("clients_by_pid", {}).values(), default=0) for s in samples), 0]
+			),
+			"engine": counters,
+			"samples": samples,
+			"timeline": exact["timeline"],
+			"sample_errors": sampler.errors[:5],
+		}
+		self.rows.append(row)
+		brief = {k: v for k, v in row.items() if k not in ("samples", "engine", "timeline")}
+		print(json.dumps(brief), flush=True)
+		return row
+
+	def placed_row(self, placement: str, quick: list, bouncer_settings: dict | None = None, **kw) -> dict:
+		"""One row on a fresh pgBouncer in `placement` mode (or straight to PostgreSQL)."""
+		bouncer = None
+		if placement != "direct":
+			settings = {"default_pool_size": self.args.pool_size, **(bouncer_settings or {})}
+			bouncer = start_bouncer(quick, placement, **settings)
+			point_at(self.all_sites, bouncer.host, bouncer.port)
+		else:
+			pg = upstream()
+			point_at(self.all_sites, pg.host, pg.port)
+		try:
+			return self.row(placement=placement, bouncer=bouncer, **kw)
+		finally:
+			if bouncer is not None:
+				bouncer.__exit__(None, None, None)  # stop it, remove its files
+
+	def main(self) -> int:
+		args = self.args
+		if args.quick:  # written to /tmp unless --out says otherwise
+			args.sites, args.group, args.requests, args.warmup, args.rounds = 4, 2, 200, 20, 1
+			if args.out == ROOT / "benchmarks" / "results":
+				args.out = Path("/tmp/pgpool-sites-quick")
+		own = [f"own{i:02d}.sites.local" for i in range(1, args.sites + 1)]
+		shared = [f"shr{i:02d}.sites.local" for i in range(1, args.sites + 1)]
+		self.all_sites = own + shared
+		t0 = time.monotonic()
+		print(f"making {len(self.all_sites)} quick sites from {SITE}", flush=True)
+		quick = make_quick_sites(BENCH, SITE, own)
+		for g in range(0, len(shared), args.group):
+			quick += make_quick_sites(
+				BENCH, SITE, shared[g : g + args.group], shared=f"grp{g // args.group + 1}"
+			)
+		by_name = {q.name: q for q in quick}
+		print(f"quick sites ready in {time.monotonic() - t0:.1f}s", flush=True)
+		shapes = {"own": own, "shared": shared, "single": own[:1]}
+		tx_keys = {k: None for k in transaction_mode_settings()}
+		try:
+			with configs_restored(self.all_sites):
+				for placement in args.placements:
+					set_common_config(**tx_keys)
+					if placement == "transaction":
+						set_common_config(**transaction_mode_settings())
+					for workers in args.workers:
+						for shape, traffic in CELLS:
+							members = shapes[shape]
+							dbs = {by_name[s].db_name for s in members}
+							kind = "zipf" if traffic == "zipf" else "uniform"
+							calls = plan(members, kind, args.requests, 1, args.zipf)
+							for round_ in range(1, args.rounds + 1):
+								for pool in ("off", "on"):
+									self.placed_row(
+										placement,
+										quick,
+										workers=workers,
+										shape=shape,
+										traffic=traffic,
+										pool=pool,
+										sites=members,
+										calls=calls,
+										dbs=dbs,
+										round=round_,
+										counters=round_ == args.rounds,
+									)
+				set_common_config(**tx_keys)
+				if "session" in args.placements and "sync 4" in args.workers and not args.quick:
+					dbs = {by_name[s].db_name for s in own}
+					calls = plan(own, "zipf", args.requests, 1, args.zipf)
+					for variant, (settings, bouncer_settings) in VARIANTS.items():
+						set_common_config(**settings)
+						try:
+							self.placed_row(
+								"session",
+								quick,
+								bouncer_settings,
+								workers="sync 4",
+								shape="own",
+								traffic="zipf",
+								pool="on",
+								sites=own,
+								calls=calls,
+								dbs=dbs,
+								variant=variant,
+								counters=True,
+							)
+						finally:
+							set_common_config(**{k: None for k in settings})
+		finally:
+			if not args.keep_sites:
+				remove_quick_sites(BENCH, self.all_sites)
+		print(f"run took {(time.monotonic() - t0) / 60:.1f} minutes", flush=True)
+		self.report(time.monotonic() - t0)
+		return 0
+
+	def report(self, seconds: float) -> None:
+		args = self.args
+		args.out.mkdir(parents=True, exist_ok=True)
+		(args.out / f"{args.name}.json").write_text(json.dumps(self.rows, indent=1, default=str))
+		(args.out / f"{args.name}.md").write_text(render(self.rows, args, seconds))
+		print((args.out / f"{args.name}.md").read_text())
+		try:
+			sys.path.insert(0, str(ROOT / "benchmarks"))
+			from plot import sites as draw
+
+			draw(self.rows, args.out / f"{args.name}.png")
+		except ImportError as e:
+			print(f"no plot: {e} (pip install -e '.[bench]')")
+
+
+def cell_key(r: dict) -> tuple:
+	return (r["placement"], r["workers"], r["shape"], r["traffic"])
+
+
+def summary(rows: list[dict]) -> list[dict]:
+	"""Rounds of the same (cell, pool, variant) merged: mean req/s and latencies, sums and peaks."""
+	groups: dict[tuple, list[dict]] = {}
+	for r in rows:
+		groups.setdefault((*cell_key(r), r["pool"], r["variant"]), []).append(r)
+	out = []
+	for members in groups.values():
+		first = members[0]
+
+		def mean(name: str, members=members) -> float:
+			return sum(m[name] for m in members) / len(members)
+
+		def peak(name: str, members=members):
+			values = [m[name] for m in members if m[name] is not None]
+			return max(values) if values else None
+
+		hits = [m["hit_rate"] for m in members if m["hit_rate"] is not None]
+		out.append(
+			{
+				**{
+					k: first[k]
+					for k in ("placement", "workers", "shape", "traffic", "pool", "variant", "sites")
+				},
+				"rounds": len(members),
+				"rps": mean("rps"),
+				"rps_rounds": [m["rps"] for m in members],
+				"p50": mean("p50"),
+				"p95": mean("p95"),
+				"p99": mean("p99"),
+				"errors": sum(m["errors"] for m in members),
+				"logins": sum(m["logins"] for m in members),
+				"requests": sum(m["requests"] for m in members),
+				"hit_rate": sum(hits) / len(hits) if hits else None,
+				"peak_clients": peak("peak_clients"),
+				"peak_servers": peak("peak_servers"),
+				"peak_cl_waiting": peak("peak_cl_waiting"),
+				"peak_backends": peak("peak_backends"),
+				"peak_clients_per_process": peak("peak_clients_per_process"),
+				"worker_cpu_ms": mean("worker_cpu_ms"),
+				"engine": next((m["engine"] for m in reversed(members) if m["engine"]), None),
+			}
+		)
+	return out
+
+
+def _opt(value, fmt: str = "{}") -> str:
+	return "-" if value is None else fmt.format(value)
+
+
+def _budgets(engine: dict | None) -> str:
+	if not engine or not engine["budgets"]:
+		return "-"
+	return " ".join(
+		"/".join(str(b.get(k, "?")) for k in ("open", "limit", "peak")) for b in engine["budgets"].values()
+	)
+
+
+def render(rows: list[dict], args, seconds: float) -> str:
+	merged = summary(rows)
+	lines = [
+		"# Many sites on one bench: pool off vs on (per-process budget at its default)",
+		"",
+		f"Frappe 15.55.1, `/api/method/ping` on quick sites copied from one site: {args.sites} sites with their "
+		f"own database and user (`own`), {args.sites} sites in groups of {args.group} sharing a database and user "
+		"(`shared`), and one site alone (`single`: the single-site reference). Traffic over a shape's sites is "
+		f"uniform or Zipf (s={args.zipf:g}: site k gets weight 1/k^s, so the top site gets "
+		f"{zipf_weights(args.sites, args.zipf)[0] / sum(zipf_weights(args.sites, args.zipf)):.0%} of the pings). "
+		"Workers: `sync 4` = 4 sync gunicorn workers with 4 closed-loop clients, `gthread 2x4` = 2 gthread "
+		"workers x 4 threads with 8 clients. Placements: pgBouncer 1.18 in session mode, in transaction mode "
+		f"(both SCRAM, default_pool_size {args.pool_size}), and `direct` (workers straight to PostgreSQL 15, "
+		"max_connections 100, trust). Every row runs on a fresh gunicorn and a fresh pgBouncer: "
+		f"{args.warmup} warm-up pings, then {args.requests} measured; pool off and on alternate, "
+		f"{args.rounds} rounds of each. In transaction mode the pooled rows set "
+		f"`{json.dumps(transaction_mode_settings())}` in common_site_config. Run time {seconds / 60:.1f} "
+		"min on a 2-core machine shared with other work (other developers' test runs: expect +-20% between "
+		"rounds; compare within a pair). Generated by `benchmarks/sites.py`.",
+		"",
+		"Columns: req/s and latencies are means over the rounds; `clients`/`servers` = most pgBouncer client / "
+		"server connections of the row's databases open at once during the measured pings, exact, from "
+		f"pgBouncer's connection log; `cl_waiting` = peak of SHOW POOLS sampled every {args.sample:g} s; "
+		"`backends` = peak of PostgreSQL backends of those databases in pg_stat_activity, same samples "
+		"(sampling misses most of plain Frappe's connections, which live a few ms: in `direct` rows it "
+		"understates the pool-off peak, which is one per running request); `per proc` = most pgBouncer "
+		"clients one worker held at once in the samples (SHOW CLIENTS by application_name); `logins` = "
+		"pgBouncer client logins per 1000 pings (`direct`: new backends, from pg_stat_database.sessions); "
+		"`hit` = 1 - new pooled connections / requests. The load generator is closed-loop Python on the same "
+		"cores: it coordinates with the server (tails under overload are understated), it sees nothing "
+		"between two samples, and its CPU competes with the workers'.",
+		"",
+		"| placement | workers | shape | traffic | pool | req/s (rounds) | p50 ms | p95 ms | p99 ms | errors | "
+		"logins/1000 | hit | clients | per proc | servers | cl_waiting | backends | worker CPU ms/req |",
+		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+	]
+	for r in merged:
+		name = r["pool"] if r["variant"] == "default" else f"on, {r['variant']}"
+		rounds = "/".join(f"{x:.0f}" for x in r["rps_rounds"])
+		lines.append(
+			f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {name} | "
+			f"{r['rps']:.0f} ({rounds}) | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | "
+			f"{r['logins'] * 1000 / r['requests']:.0f} | {_opt(r['hit_rate'], '{:.0%}')} | "
+			f"{_opt(r['peak_clients'])} | {r['peak_clients_per_process']} | {_opt(r['peak_servers'])} | "
+			f"{_opt(r['peak_cl_waiting'])} | {r['peak_backends']} | {r['worker_cpu_ms']:.2f} |"
+		)
+	offs = {cell_key(r): r for r in merged if r["pool"] == "off"}
+	ons = [r for r in merged if r["pool"] == "on" and cell_key(r) in offs]
+	single = {
+		(r["placement"], r["workers"]): r["rps"] / offs[cell_key(r)]["rps"]
+		for r in ons
+		if r["shape"] == "single" and r["variant"] == "default"
+	}
+	lines += [
+		"",
+		"## On vs off",
+		"",
+		"| placement | workers | shape | traffic | pool | req/s on/off | p95 on/off | errors off/on | "
+		"servers off -> on | backends off -> on | hit | share of the single-site gain |",
+		"|---|---|---|---|---|---|---|---|---|---|---|---|",
+	]
+	verdicts = []
+	for on in ons:
+		off = offs[cell_key(on)]
+		ratio = on["rps"] / off["rps"]
+		base = single.get((on["placement"], on["workers"]))
+		share = (ratio - 1) / (base - 1) if base and base > 1 and on["shape"] != "single" else None
+		servers = f"{off['peak_servers']} -> {on['peak_servers']}" if off["peak_servers"] is not None else "-"
+		name = "on" if on["variant"] == "default" else f"on, {on['variant']}"
+		lines.append(
+			f"| {on['placement']} | {on['workers']} | {on['shape']} | {on['traffic']} | {name} | {ratio:.2f} | "
+			f"{on['p95'] / off['p95']:.2f} | {off['errors']}/{on['errors']} | {servers} | "
+			f"{off['peak_backends']} -> {on['peak_backends']} | {_opt(on['hit_rate'], '{:.0%}')} | "
+			f"{_opt(share, '{:.0%}')} |"
+		)
+		if on["variant"] != "default":
+			continue
+		worse = []
+		if on["errors"]:
+			worse.append(f"{on['errors']} errors")
+		if ratio < 1:
+			worse.append(f"req/s x{ratio:.2f}")
+		if on["p95"] > off["p95"]:
+			worse.append(f"p95 x{on['p95'] / off['p95']:.2f}")
+		if on["peak_servers"] is not None and on["peak_servers"] > off["peak_servers"]:
+			worse.append(f"pgBouncer servers {off['peak_servers']} -> {on['peak_servers']}")
+		if on["placement"] == "direct" and on["peak_backends"] > WORKERS[on["workers"]][2]:
+			worse.append(f"backends {on['peak_backends']} > {WORKERS[on['workers']][2]} requests in flight")
+		if on["traffic"] == "zipf" and share is not None and share < 0.5:
+			worse.append(f"{share:.0%} of the single-site gain")
+		if worse:
+			verdicts.append(
+				f"- {on['placement']}, {on['workers']}, {on['shape']}, {on['traffic']}: " + "; ".join(worse)
+			)
+	lines += ["", "## Goals missed (defaults, means over the rounds)", ""]
+	lines += verdicts or ["- none: every pooled row is at least as good as its pool-off row"]
+	engine = [r for r in merged if r["engine"]]
+	if engine:
+		lines += [
+			"",
+			"## The engine's own counters (pooled rows, last round, warm-up included, as the processes published them)",
+			"",
+			"| placement | workers | shape | traffic | pool | hits | misses | evictions by reason | "
+			"open/limit/peak per process |",
+			"|---|---|---|---|---|---|---|---|---|",
+		]
+		for r in engine:
+			e = r["engine"]
+			evictions = ", ".join(f"{k}={v}" for k, v in sorted(e["evictions"].items())) or "-"
+			name = "on" if r["variant"] == "default" else f"on, {r['variant']}"
+			lines.append(
+				f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {name} | {e['hits']} | "
+				f"{e['misses']} | {evictions} | {_budgets(e)} |"
+			)
+	lines += ["", f"![plot]({args.name}.png) (drawn by `benchmarks/plot.py`)"]
+	return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+	parser = argparse.ArgumentParser(
+		description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+	)
+	parser.add_argument("--sites", type=int, default=20, help="sites per shape (own, shared)")
+	parser.add_argument("--group", type=int, default=5, help="shared shape: sites per database and user")
+	parser.add_argument("--requests", type=int, default=800, help="measured pings per row")
+	parser.add_argument("--warmup", type=int, default=40)
+	parser.add_argument("--rounds", type=int, default=2, help="pool off/on pairs per cell")
+	parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
+	parser.add_argument("--pool-size", type=int, default=20, help="pgBouncer default_pool_size")
+	parser.add_argument("--sample", type=float, default=0.25, help="seconds between samples")
+	parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
+	parser.add_argument("--workers", nargs="+", default=list(WORKERS), choices=list(WORKERS))
+	parser.add_argument("--quick", action="store_true", help="a small run to try the harness")
+	parser.add_argument("--keep-sites", action="store_true")
+	parser.add_argument("--name", default="sites")
+	parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+	args = parser.parse_args()
+	problem = bench_problem()
+	if problem:
+		print(f"sites benchmark needs a Frappe bench: {problem}", file=sys.stderr)
+		return 2
+	return Run(args).main()
+
+
+if __name__ == "__main__":
+	raise SystemExit(main())
