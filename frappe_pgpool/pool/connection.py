@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import select
 import socket
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -19,9 +21,9 @@ from .config import DEFAULT_RESET_QUERY
 _POLL_DEAD = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 # What DISCARD ALL does (PostgreSQL docs), as statements that may share one multi-statement
-# query. DISCARD ALL itself may not, and its RESET ALL wipes application_name: through pgBouncer
-# that name is a SET made when pgBouncer links a server, not a startup value RESET goes back to.
-# Spelled out, the reset and putting the name back cost one round trip together.
+# query. DISCARD ALL itself may not, and its RESET ALL wipes the connect-time session settings
+# (SessionDefaults.settings: application_name and the other startup parameters pgBouncer applies
+# with SET, psycopg2's DateStyle). Spelled out, the reset and putting them back cost one round trip.
 DISCARD_ALL_STATEMENTS = (
 	"CLOSE ALL",
 	"SET SESSION AUTHORIZATION DEFAULT",
@@ -69,66 +71,227 @@ def is_usable(conn: ext.connection, poller: select.poll | None = None) -> bool:
 	return not any(n.startswith(("FATAL", "ERROR", "PANIC")) for n in conn.notices[notices_before:])
 
 
-@dataclass(frozen=True)
+class Retire(Exception):
+	"""The returned connection carries client-side state that cannot be undone without a round trip.
+
+	The pool closes it instead of keeping it; `reason` is counted in the pool's statistics.
+	"""
+
+	def __init__(self, reason: str, detail: str) -> None:
+		super().__init__(detail)
+		self.reason = reason
+
+
+class CursorTracker:
+	"""The `cursor_factory` of a pooled connection: makes each cursor with the factory's own cursor
+	factory and remembers it (weakly), so that the cursors still open when the connection comes back
+	can be closed. A cursor kept after the return then raises InterfaceError, as in plain Frappe where
+	the connection was closed, instead of running in the next holder's transaction.
+
+	A callable, not a cursor subclass: the cursors keep the type the factory chose, and psycopg2's C
+	functions that type-check the connection (register_type, execute_values) still get the real one.
+	"""
+
+	__slots__ = ("cursors", "factory")
+
+	def __init__(self, factory: Callable[..., ext.cursor] | None) -> None:
+		self.factory = factory if factory is not None else ext.cursor
+		self.cursors: weakref.WeakSet[ext.cursor] = weakref.WeakSet()
+
+	def __call__(self, conn: ext.connection, name: str | None = None) -> ext.cursor:
+		cursor = self.factory(conn, name)
+		self.cursors.add(cursor)
+		return cursor
+
+	def close_all(self) -> None:
+		"""Close the cursors made during this checkout; client-side, no round trip.
+
+		Raises Retire if one of them is a named (server-side) cursor still open: closing it sends
+		CLOSE or a pg_cursors lookup, and a WITH HOLD one would outlive the transaction.
+		"""
+		cursors = list(self.cursors)
+		self.cursors.clear()
+		for cursor in cursors:
+			if cursor.closed:
+				continue
+			if cursor.name is not None:
+				raise Retire("named_cursor", f"named cursor {cursor.name!r} still open")
+			cursor.close()  # an unnamed cursor's close() only marks it closed
+
+
+# Session-level settings in force once the factory returned: psycopg2's own SET DATESTYLE (when the
+# database's DateStyle is not ISO), the startup parameters pgBouncer applies with SET (client_encoding,
+# DateStyle, TimeZone, standard_conforming_strings, application_name), whatever the factory SET. RESET
+# ALL goes back to the values a session started with (server, database, role, libpq startup packet),
+# which are not these. transaction_* are per transaction, set by BEGIN.
+_SESSION_SETTINGS_QUERY = (
+	"SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
+	"AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')"
+)
+
+
+@dataclass(frozen=True, eq=False)
 class SessionDefaults:
-	"""psycopg2's client-side session characteristics as the factory left them."""
+	"""The connection as the factory left it: what the return puts back.
+
+	psycopg2's client-side state (session characteristics, encoding, cursor factory, per-connection
+	typecasters, the notices and notifies lists) and the server's session-level settings.
+	"""
 
 	autocommit: bool
 	isolation_level: int | None
 	readonly: bool | None
 	deferrable: bool | None
-	application_name: str = ""  # as the server reported it at connect time
+	settings: tuple[tuple[str, str], ...] = ()  # name, value of the session-level settings at open
+	encoding: str = ""
+	cursors: CursorTracker = field(default_factory=lambda: CursorTracker(None))
+	string_types: dict = field(default_factory=dict)
+	binary_types: dict = field(default_factory=dict)
+	notices: object = None
+	notifies: object = None
+	restore_settings: str = ""  # one statement that sets `settings` again, rendered once
+	_reset_sql: dict[str, str] = field(default_factory=dict, repr=False)  # per reset_query
 
 	@classmethod
 	def capture(cls, conn: ext.connection) -> SessionDefaults:
-		name = conn.info.parameter_status("application_name") or ""
-		return cls(conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable, name)
+		"""Record a new connection and install the cursor tracker. One round trip (pg_settings).
+
+		On failure the connection is closed and the error raised.
+		"""
+		try:
+			settings = _session_settings(conn)
+			restore = ""
+			if settings:
+				calls = sql.SQL(", ").join(
+					sql.SQL("pg_catalog.set_config({}, {}, false)").format(sql.Literal(n), sql.Literal(v))
+					for n, v in settings
+				)
+				restore = (sql.SQL("SELECT ") + calls).as_string(conn)
+			tracker = CursorTracker(conn.cursor_factory)
+			conn.cursor_factory = tracker
+			return cls(
+				conn.autocommit,
+				conn.isolation_level,
+				conn.readonly,
+				conn.deferrable,
+				settings=settings,
+				encoding=conn.encoding,
+				cursors=tracker,
+				string_types=dict(conn.string_types),
+				binary_types=dict(conn.binary_types),
+				notices=conn.notices,
+				notifies=conn.notifies,
+				restore_settings=restore,
+			)
+		except BaseException:
+			close_quietly(conn)
+			raise
+
+	def reset_sql(self, reset_query: str) -> str:
+		"""The reset query string for this connection: reset_query, then the settings put back."""
+		query = self._reset_sql.get(reset_query)
+		if query is None:
+			statements = _reset_statements(reset_query)
+			if statements and self.restore_settings:
+				statements.append(self.restore_settings)
+			query = self._reset_sql[reset_query] = "; ".join(statements)
+		return query
+
+	def check(self, conn: ext.connection) -> None:
+		"""Raise Retire when the connection cannot be put back without a round trip."""
+		if conn.encoding != self.encoding:  # set_client_encoding(); setting it back would cost a SET
+			raise Retire("client_encoding", f"client encoding changed to {conn.encoding}")
 
 	def restore(self, conn: ext.connection) -> None:
-		"""Undo a request's set_session/autocommit changes; client-side only, no round trip."""
+		"""Undo a request's client-side changes; no round trip for a non-autocommit factory."""
 		if (
 			conn.autocommit is not self.autocommit
 			or conn.isolation_level != self.isolation_level
 			or conn.readonly is not self.readonly
 			or conn.deferrable is not self.deferrable
 		):
-			# attribute setters, not set_session(): there None means "leave as is", here "default"
-			conn.autocommit = self.autocommit
-			conn.isolation_level = self.isolation_level
-			conn.readonly = self.readonly
-			conn.deferrable = self.deferrable
+			_set_characteristics(conn, self.autocommit, self.isolation_level, self.readonly, self.deferrable)
+		if conn.cursor_factory is not self.cursors:
+			conn.cursor_factory = self.cursors
+		for current, default in (
+			(conn.string_types, self.string_types),
+			(conn.binary_types, self.binary_types),
+		):
+			if current != default:  # psycopg2 reads these dicts at each typecast: fix them in place
+				current.clear()
+				current.update(default)
+		if self.notices is not None and conn.notices is not self.notices:
+			conn.notices = self.notices  # a list replaced by the holder (a deque, its own object)
+		if self.notifies is not None and conn.notifies is not self.notifies:
+			conn.notifies = self.notifies
+
+
+def _set_characteristics(
+	conn: ext.connection,
+	autocommit: bool,
+	isolation_level: int | None,
+	readonly: bool | None,
+	deferrable: bool | None,
+) -> None:
+	"""Set psycopg2's session characteristics, in the order that sends nothing to the server.
+
+	Characteristics set under autocommit are sent as SET default_transaction_*, and leaving
+	autocommit with characteristics set sends SETs back to default; outside autocommit they are
+	only remembered for psycopg2's next BEGIN. So leave autocommit first, enter it last.
+	Attribute setters, not set_session(): there None means "leave as is", here "default".
+	"""
+	if conn.autocommit:
+		conn.autocommit = autocommit
+	conn.isolation_level = isolation_level
+	conn.readonly = readonly
+	conn.deferrable = deferrable
+	conn.autocommit = autocommit
+
+
+def _session_settings(conn: ext.connection) -> tuple[tuple[str, str], ...]:
+	"""The session-level settings, read in one round trip without opening a transaction."""
+	idle = conn.status == ext.STATUS_READY and conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+	saved = (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+	if idle and not conn.autocommit:
+		# psycopg2 would send its BEGIN as a round trip of its own. Switching to autocommit sends
+		# nothing while the characteristics are at their defaults, nor does switching back.
+		_set_characteristics(conn, True, None, None, None)
+	try:
+		with conn.cursor(cursor_factory=ext.cursor) as cur:
+			cur.execute(_SESSION_SETTINGS_QUERY)
+			rows = cur.fetchall()
+	finally:
+		if (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable) != saved:
+			_set_characteristics(conn, *saved)
+	return tuple((name, setting) for name, setting in rows)
 
 
 def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> None:
 	"""Bring a returned connection back to the state the factory made. Raises on any failure.
 
-	The rollback goes through psycopg2 when psycopg2 knows of the transaction, so that it
-	forgets it too: otherwise the next request's first statement would run without psycopg2's
-	BEGIN, outside any transaction. A request that opened a transaction itself (Frappe's
-	"START TRANSACTION" after a commit) is covered the same way, since psycopg2 then still
-	believes its own BEGIN is open.
+	Raises Retire, before sending anything, for client-side state that cannot be put back without
+	a round trip. Closes the cursors made during the checkout (client-side). The rollback goes
+	through psycopg2 when psycopg2 knows of the transaction, so that it forgets it too: otherwise
+	the next request's first statement would run without psycopg2's BEGIN, outside any transaction.
+	A request that opened a transaction itself (Frappe's "START TRANSACTION" after a commit) is
+	covered the same way, since psycopg2 then still believes its own BEGIN is open. The reset query
+	ends by setting the connect-time session settings again (RESET ALL dropped them).
 	"""
+	defaults.check(conn)
+	defaults.cursors.close_all()
 	if conn.status != ext.STATUS_READY:
 		conn.rollback()
 	elif conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-		with conn.cursor() as cur:  # a BEGIN sent as SQL text under autocommit
+		with conn.cursor(cursor_factory=ext.cursor) as cur:  # a BEGIN sent as SQL text under autocommit
 			cur.execute("ROLLBACK")
 	if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
-	statements = _reset_statements(reset_query) if reset_query else None
-	if statements:
-		if defaults.application_name:
-			statements.append(
-				sql.SQL("SET application_name TO {}").format(sql.Literal(defaults.application_name))
-			)
-		# Autocommit, so that psycopg2 sends no BEGIN around the reset. Toggling it costs no round
-		# trip only while the session characteristics are at their defaults (else psycopg2 SETs them).
-		conn.isolation_level = None
-		conn.readonly = None
-		conn.deferrable = None
-		conn.autocommit = True
-		with conn.cursor() as cur:
-			cur.execute(sql.SQL("; ").join(statements))
+	query = defaults.reset_sql(reset_query) if reset_query else ""
+	if query:
+		# Autocommit, so that psycopg2 sends no BEGIN around the reset (switching sends nothing).
+		_set_characteristics(conn, True, None, None, None)
+		with conn.cursor(cursor_factory=ext.cursor) as cur:
+			cur.execute(query)
 	defaults.restore(conn)  # client-side only: no round trip for a non-autocommit factory
 	if conn.notices:
 		del conn.notices[:]
@@ -136,13 +299,13 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 		del conn.notifies[:]
 
 
-def _reset_statements(reset_query: str) -> list[sql.Composable]:
+def _reset_statements(reset_query: str) -> list[str]:
 	query = reset_query.strip().rstrip(";")
 	if not query:
 		return []
 	if query.upper() == DEFAULT_RESET_QUERY:
-		return [sql.SQL(statement) for statement in DISCARD_ALL_STATEMENTS]
-	return [sql.SQL(query)]
+		return list(DISCARD_ALL_STATEMENTS)
+	return [query]
 
 
 def close_quietly(conn: ext.connection) -> None:

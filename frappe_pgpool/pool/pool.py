@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psycopg2.extensions as ext
 
 from .config import PoolConfig
-from .connection import SessionDefaults, close_quietly, disown, is_usable, reset, socket_poller
+from .connection import Retire, SessionDefaults, close_quietly, disown, is_usable, reset, socket_poller
 from .errors import PoolClosed, PoolTimeout
 
 log = logging.getLogger("frappe_pgpool")
@@ -297,6 +297,8 @@ class ConnectionPool:
 			if reason is None:
 				try:
 					reset(conn, record.defaults, self.config.reset_query)
+				except Retire as e:  # client-side state only a round trip could undo: closed instead
+					reason = e.reason
 				except Exception as e:  # any failure leaves the session in an unknown state
 					log.info(
 						"frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e
