@@ -107,7 +107,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 		return
 	if REQUIRE_FRAPPE:
 		terminalreporter.write_line(
-			f"FAILED: {len(_frappe_skips)} Frappe-tier test(s) skipped with PGPOOL_REQUIRE_FRAPPE=1:", red=True
+			f"FAILED: {len(_frappe_skips)} Frappe-tier test(s) skipped with PGPOOL_REQUIRE_FRAPPE=1:",
+			red=True,
 		)
 		for line in _frappe_skips:
 			terminalreporter.write_line(f"  {line}", red=True)
