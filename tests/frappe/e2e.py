@@ -85,15 +85,22 @@ def sites_behind_pgbouncer(sites: list[str]):
 
 
 class Gunicorn:
-	def __init__(self, workers: int = 2, threads: int = 1, preload: bool = True) -> None:
+	def __init__(
+		self, workers: int = 2, threads: int = 1, preload: bool = True, python: str | None = None
+	) -> None:
 		self.workers, self.threads, self.preload = workers, threads, preload
+		self.python = python  # another environment's interpreter (python -m gunicorn); default: the bench's
 		self.port = free_port()
 		self.log = Path(BENCH, "logs", f"pgpool-e2e-gunicorn-{self.port}.log")
 		self.proc: subprocess.Popen | None = None
 
 	def __enter__(self) -> Gunicorn:
 		args = [
-			str(Path(BENCH, "env", "bin", "gunicorn")),
+			*(
+				[self.python, "-m", "gunicorn"]
+				if self.python
+				else [str(Path(BENCH, "env", "bin", "gunicorn"))]
+			),
 			"-b",
 			f"127.0.0.1:{self.port}",
 			"-w",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import textwrap
 
 import pytest
 
@@ -84,6 +86,187 @@ def test_wrapping_on_top_of_ours_then_uninstalling_leaves_a_pass_through():
 		"""
 	)
 	assert result == [False, True]
+
+
+# -- patch()/unpatch() in the manner of ddtrace / OpenTelemetry instrumentations: each case in a fresh
+# bench Python. FRAPPE_PGPOOL_DISABLE_PATCH=1 keeps the start-time arming out, so the test drives it.
+NOT_ARMED = {"FRAPPE_PGPOOL_DISABLE_PATCH": "1"}
+
+LAYERS = """
+import psycopg2
+from frappe.database.postgres.database import PostgresDatabase
+from frappe.database.database import Database
+from frappe_pgpool import frappe_layer
+def ours(cls, attr, wrapper):
+	n, current = 0, cls.__dict__.get(attr)
+	while current is not None:
+		n += getattr(current, "_self_wrapper", None) is wrapper
+		current = getattr(current, "__wrapped__", None)
+	return n
+def layers():
+	return [
+		ours(psycopg2, "connect", frappe_layer.psycopg2_connect),
+		ours(PostgresDatabase, "get_connection", frappe_layer.get_connection),
+		ours(Database, "close", frappe_layer.close),
+		ours(Database, "sql", frappe_layer.sql),
+	]
+"""
+
+
+def script(*parts: str) -> str:
+	"""Pieces of a bench script, each dedented on its own."""
+	return "\n".join(textwrap.dedent(part) for part in parts)
+
+
+@pytest.mark.parametrize("env", [NOT_ARMED, {}], ids=["not-armed", "armed-at-start"])
+def test_install_before_frappe_is_imported_does_not_deadlock(env):
+	try:
+		(result,) = run_in_bench(
+			"""
+			import sys
+			import frappe_pgpool.patch as patch
+			before = "frappe.database.postgres.database" in sys.modules
+			changed = patch.install()
+			out(dict(before=before, changed=changed, installed=patch.is_installed()))
+			""",
+			env=env,
+			timeout=60,
+		)
+	except subprocess.TimeoutExpired:
+		pytest.fail(
+			"patch.install() before Frappe's import hung: it waits on its own lock via the import hook"
+		)
+	assert result == {"before": False, "changed": True, "installed": True}
+
+
+def test_patch_after_import_twice_unpatch_repatch():
+	(steps,) = run_in_bench(
+		script(
+			"""
+			import frappe, frappe.database.postgres.database
+			import frappe_pgpool.patch as patch
+			""",
+			LAYERS,
+			"""
+		steps = [("imported", None, patch.is_installed(), layers())]
+		for step in ("install", "install", "uninstall", "uninstall", "install"):
+			changed = getattr(patch, step)()
+			steps.append((step, changed, patch.is_installed(), layers()))
+		out(steps)
+		""",
+		),
+		env=NOT_ARMED,
+	)
+	one, none = [1, 1, 1, 1], [0, 0, 0, 0]
+	assert steps == [
+		["imported", None, False, none],
+		["install", True, True, one],
+		["install", False, True, one],
+		["uninstall", True, False, none],
+		["uninstall", False, False, none],
+		["install", True, True, one],
+	]
+
+
+def test_another_wrapt_wrapper_on_top_keeps_working_through_unpatch_and_repatch():
+	(result,) = run_in_bench(
+		script(
+			"""
+		import wrapt, frappe
+		import frappe_pgpool.patch as patch
+		from frappe_pgpool.pool import registry
+		from frappe.database.postgres.database import PostgresDatabase
+		patch.install()
+		calls = []
+		def outer(wrapped, instance, args, kwargs):  # e.g. an APM's instrumentation, applied after ours
+			calls.append(1)
+			return wrapped(*args, **kwargs)
+		wrapt.wrap_function_wrapper(PostgresDatabase, "get_connection", outer)
+		def request():
+			frappe.init(site=SITE); frappe.local.conf["db_pool_enabled"] = 1; frappe.connect()
+			pid = frappe.db.sql("select pg_backend_pid()")[0][0]
+			frappe.destroy()
+			return pid
+		def pooled():
+			return sum(p.snapshot()["checkouts"] for k, p in registry.pools().items() if k.site == SITE)
+		""",
+			LAYERS,
+			"""
+		a, b = request(), request()
+		on = (a == b, pooled(), len(calls), layers())
+		patch.uninstall()
+		c, d = request(), request()
+		off = (c == d, pooled(), len(calls), layers(), patch.is_installed())
+		patch.install()
+		e, f = request(), request()
+		again = (e == f, pooled(), len(calls), layers(), patch.is_installed())
+		out(dict(on=on, off=off, again=again, outer_on_top=PostgresDatabase.__dict__["get_connection"]._self_wrapper is outer))
+		""",
+		),
+		env=NOT_ARMED,
+	)
+	assert result["on"] == [True, 2, 2, [1, 1, 1, 1]]
+	# ours stays under theirs as a pass-through (the rest is unwrapped): connections are Frappe's own again
+	assert result["off"] == [False, 2, 4, [0, 1, 0, 0], False]
+	# and is switched back on, not wrapped a second time
+	assert result["again"] == [True, 4, 6, [1, 1, 1, 1], True]
+	assert result["outer_on_top"] is True
+
+
+@pytest.mark.parametrize(
+	"version,supported",
+	[("15.0.0", True), ("16.3.1", True), ("14.40.0", False), ("17.0.0-dev", False)],
+)
+def test_only_frappe_15_and_16_are_patched_anything_else_logs_once(version, supported):
+	(result,) = run_in_bench(
+		f"""
+		import logging
+		records = []
+		class Keep(logging.Handler):
+			def emit(self, record):
+				records.append(record.getMessage())
+		logging.getLogger("frappe_pgpool").addHandler(Keep())
+		import frappe
+		frappe.__version__ = {version!r}
+		import frappe.database.postgres.database  # the import trigger installs the patch here
+		import frappe_pgpool.patch as patch
+		from frappe_pgpool import bootstrap
+		again = patch.install()
+		out(dict(installed=patch.is_installed(), again=again, armed=bootstrap.armed(), logs=records))
+		"""
+	)
+	if supported:
+		assert result == {"installed": True, "again": False, "armed": "start", "logs": []}
+	else:
+		assert result["installed"] is False and result["again"] is False and result["armed"] == "no"
+		(line,) = result["logs"]
+		assert f"Frappe {version}" in line and "15" in line and "16" in line and "unpooled" in line
+
+
+def test_armed_says_how_the_process_was_armed():
+	(result,) = run_in_bench(
+		"""
+		import os, sys
+		from frappe_pgpool import bootstrap
+		before = bootstrap.armed()
+		import frappe, frappe.database.postgres.database
+		disabled = bootstrap.armed()
+		os.environ.pop("FRAPPE_PGPOOL_DISABLE_PATCH")
+		bootstrap.arm()  # what the request/job hooks do in a process that was not armed at start
+		out(dict(before=before, disabled=disabled, late=bootstrap.armed()))
+		""",
+		env=NOT_ARMED,
+	)
+	assert result == {"before": "no", "disabled": "no", "late": "hook"}
+	(at_start,) = run_in_bench(
+		"""
+		from frappe_pgpool import bootstrap
+		before = bootstrap.armed()
+		import frappe.database.postgres.database
+		out([before, bootstrap.armed()])
+		"""
+	)
+	assert at_start == ["start", "start"]
 
 
 POOLED_LOOP = """
