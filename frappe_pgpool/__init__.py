@@ -1,7 +1,8 @@
 __version__ = "0.1.0"
 
-# Whatever imports the app (hooks, bench commands, Frappe's module map) also arms the patch;
-# the .pth file written at install time arms it earlier still, at interpreter start.
+# Imported at interpreter start by the package's frappe_pgpool_arm.pth, and by whatever else
+# imports the app (bench commands, hooks): arm() only registers the import trigger, so this
+# stays cheap (os and sys only). See bootstrap.
 from .bootstrap import arm
 
 arm()

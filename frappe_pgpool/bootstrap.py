@@ -1,67 +1,185 @@
-"""Arms the patch so it is in place before a process opens its first database connection.
+"""Arms the patch in every Python process of the environment, before Frappe opens a connection.
 
-`arm()` only registers a post-import hook (no Frappe import): the wrappers are installed the
-moment `frappe.database.postgres.database` is imported, or at once if it already is. It is
-called from the app's `__init__` and from `frappe_pgpool_autoload.pth`, which `after_install` puts in
-the bench's site-packages so that every Python process of the bench (gunicorn with or
-without --preload, RQ workers and work-horses, the scheduler, bench execute) arms it at start,
-before Frappe is even imported: hooks are cached in Redis and run too late for that.
+The package ships `frappe_pgpool_arm.pth` at the top of its wheel (and of its editable wheel), so
+pip, uv and `bench get-app` put it in site-packages with the app and remove it with the app. Python
+runs its one line at interpreter start: `import frappe_pgpool`, whose `__init__` calls `arm()`.
+`arm()` only puts `_Trigger`, a small finder, first on `sys.meta_path`: the wrappers are installed
+the moment `frappe.database.postgres.database` has been executed, whoever imports it. Nothing else
+is imported until then (no wrapt, no Frappe), so the other interpreters of the venv (pip, bench's
+own helpers, scripts) pay well under a millisecond for it.
+
+A process that imports the app after Frappe's PostgreSQL module (a request or job hook, the
+fallback in `arming.py`) is armed late: `armed()` tells which, for the published process report.
+This module imports nothing beyond `os` and `sys` at start (not even __future__); keep it that way.
 """
 
-from __future__ import annotations
-
+import _thread
 import os
 import sys
-import sysconfig
-
-import wrapt
 
 POSTGRES_MODULE = "frappe.database.postgres.database"
-# sorts after an editable install's own "frappe_pgpool.pth", which puts the app on sys.path
-PTH_NAME = "frappe_pgpool_autoload.pth"
-# One line, executed by site.py at interpreter start; silent if the app was removed.
-PTH_LINE = (
-	"import importlib.util as _u; "
-	"_u.find_spec('frappe_pgpool') and __import__('frappe_pgpool.bootstrap').bootstrap.arm()\n"
-)
+PTH_NAME = "frappe_pgpool_arm.pth"  # shipped by the package: pyproject.toml, force-include
+LEGACY_PTH_NAME = "frappe_pgpool_autoload.pth"  # what install-app wrote up to 0.1.0; removed on sight
+DISABLE_ENV = "FRAPPE_PGPOOL_DISABLE_PATCH"
 
-_armed = False
+_lock = _thread.allocate_lock()
+_how: str | None = None  # "start": armed before Frappe's PostgreSQL module was loaded; "hook": after
+_pth_ran = False
 
 
-def arm() -> None:
-	global _armed
-	if _armed or os.environ.get("FRAPPE_PGPOOL_DISABLE_PATCH") == "1":
+def arm(*, pth: bool = False) -> None:
+	"""Install the wrappers when Frappe's PostgreSQL module loads, or now if it already has."""
+	global _how, _pth_ran
+	if pth:
+		_pth_ran = True
+	if os.environ.get(DISABLE_ENV) == "1":
 		return
-	_armed = True
-	wrapt.register_post_import_hook(_on_postgres_module, POSTGRES_MODULE)
+	with _lock:
+		if _how is not None:
+			return
+		loaded = sys.modules.get(POSTGRES_MODULE)
+		_how = "hook" if loaded is not None else "start"
+		trigger = _Trigger(POSTGRES_MODULE, _install)
+		sys.meta_path.insert(0, trigger)  # a later load (a re-import) gets wrapped too
+	if loaded is not None:
+		trigger.fire(loaded)
 
 
-def _on_postgres_module(module: object) -> None:
+def armed() -> str:
+	"""How this process got the patch: "start", "hook" (late: earlier connections went unpooled) or "no"."""
+	if _how is None:
+		return "no"
+	if POSTGRES_MODULE not in sys.modules:
+		return _how  # nothing to wrap yet, and so no connection opened yet either
+	patch = sys.modules.get("frappe_pgpool.patch")
+	return _how if patch is not None and patch.is_installed() else "no"
+
+
+def why_not_at_start() -> str:
+	"""Why this process was not armed at interpreter start, in words for a log line."""
+	if os.environ.get(DISABLE_ENV) == "1":
+		return f"{DISABLE_ENV}=1 is set in its environment"
+	places = site_dirs()
+	if not any(os.path.exists(os.path.join(d, PTH_NAME)) for d in places):
+		return (
+			f"{PTH_NAME} is not in {' or '.join(places) or 'its site-packages'}, so this Python "
+			"environment did not get frappe_pgpool from a package install; install the app into the "
+			"environment that runs the processes (bench get-app / bench setup requirements, or pip "
+			"install in the image) so that every process is armed at start"
+		)
+	if not _pth_ran:
+		return (
+			f"{PTH_NAME} is in its site-packages but did not run at interpreter start (python -S, or its "
+			"line failed: see the process's stderr at start)"
+		)
+	return "frappe_pgpool was imported only after Frappe's PostgreSQL module"
+
+
+def site_dirs() -> list[str]:
+	"""The directories whose .pth files this interpreter ran at start."""
+	import site  # already imported at start, unless python -S
+
+	dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+	if site.ENABLE_USER_SITE:
+		dirs.append(site.getusersitepackages())
+	return [d for d in dirs if os.path.isdir(d)]
+
+
+def remove_legacy_pth() -> list[str]:
+	"""Delete the .pth that install-app wrote into site-packages up to 0.1.0; the paths removed.
+
+	It was not part of the package, so pip or uv uninstall (bench remove-app) left it behind. It
+	would be harmless (its line checks that the app exists) but it imports the app at every start
+	a second way, and with an older app version, wrapt too.
+	"""
+	removed = []
+	for d in site_dirs():
+		path = os.path.join(d, LEGACY_PTH_NAME)
+		try:
+			os.remove(path)
+		except FileNotFoundError:
+			continue
+		except OSError:  # read-only site-packages: nothing to do about it here
+			continue
+		removed.append(path)
+	return removed
+
+
+def shipped_pth() -> str | None:
+	"""Where the package's own .pth is in this interpreter's site dirs, or None."""
+	for d in site_dirs():
+		path = os.path.join(d, PTH_NAME)
+		if os.path.exists(path):
+			return path
+	return None
+
+
+def _install(module: object) -> None:
 	from .patch import install
 
 	install()
 
 
-def pth_path() -> str:
-	return os.path.join(
-		sysconfig.get_paths(vars={"base": sys.prefix, "platbase": sys.prefix})["purelib"], PTH_NAME
-	)
+class _Trigger:
+	"""A meta path finder that runs `callback(module)` each time module `name` has been executed.
+
+	It answers only for that one name: it finds the module's spec through the finders after it and
+	wraps the loader, so the callback runs right after the module body, inside the same import
+	(other threads importing it wait for it, as for any import). Every other import costs one
+	string comparison. After the load the module's `__loader__` and `__spec__.loader` are the
+	original ones again, so inspect, linecache and reload see nothing of this.
+	"""
+
+	def __init__(self, name: str, callback) -> None:
+		self.name = name
+		self.callback = callback
+
+	def find_spec(self, fullname: str, path=None, target=None):
+		if fullname != self.name:
+			return None
+		for finder in sys.meta_path:
+			find_spec = getattr(finder, "find_spec", None)
+			if finder is self or isinstance(finder, _Trigger) or find_spec is None:
+				continue
+			spec = find_spec(fullname, path, target)
+			if spec is not None:
+				break
+		else:
+			return None
+		if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+			return spec
+		spec.loader = _Loader(spec.loader, self)
+		return spec
+
+	def invalidate_caches(self) -> None:
+		pass
+
+	def fire(self, module: object) -> None:
+		try:
+			self.callback(module)
+		except Exception:
+			import logging
+
+			logging.getLogger("frappe_pgpool").exception(
+				"frappe_pgpool: could not install the patch when %s was imported; this process is not pooled",
+				self.name,
+			)
 
 
-def write_pth() -> str | None:
-	"""Put the .pth in this interpreter's site-packages (the bench venv); None if not writable."""
-	path = pth_path()
-	try:
-		with open(path, "w") as f:
-			f.write(PTH_LINE)
-	except OSError:
-		return None
-	return path
+class _Loader:
+	def __init__(self, loader, trigger: _Trigger) -> None:
+		self.loader = loader
+		self.trigger = trigger
 
+	def create_module(self, spec):
+		return self.loader.create_module(spec)
 
-def remove_pth() -> bool:
-	try:
-		os.remove(pth_path())
-	except FileNotFoundError:
-		return False
-	return True
+	def exec_module(self, module) -> None:
+		module.__loader__ = self.loader
+		if getattr(module, "__spec__", None) is not None:
+			module.__spec__.loader = self.loader
+		self.loader.exec_module(module)
+		self.trigger.fire(module)
+
+	def __getattr__(self, name: str):
+		return getattr(self.loader, name)

@@ -1,4 +1,9 @@
-"""install-app / uninstall-app hooks: switch the pool on and off for one site."""
+"""install-app / uninstall-app / migrate hooks: switch the pool on and off for one site.
+
+Arming is not their business: the package install put frappe_pgpool_arm.pth in site-packages (see
+bootstrap), so nothing is written there at run time. They only tidy up after older versions, whose
+install-app wrote frappe_pgpool_autoload.pth, and say so when this environment is not armed.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,30 @@ import os
 import frappe
 from frappe.installer import update_site_config
 
-from .bootstrap import write_pth
+from . import bootstrap
 
 
 def after_install() -> None:
 	update_site_config("db_pool_enabled", 1)
-	path = write_pth()
-	where = (
-		f"it loads from {path}"
-		if path
-		else "the .pth could not be written; it loads when the app is imported"
-	)
-	print(f"frappe_pgpool: pool enabled for {frappe.local.site} ({where}).")
+	print(f"frappe_pgpool: pool enabled for {frappe.local.site}.")
+	_check_environment()
 	print("frappe_pgpool: restart the bench processes (bench restart) so running workers load the patch.")
+
+
+def after_migrate() -> None:
+	_check_environment()
+
+
+def _check_environment() -> None:
+	for path in bootstrap.remove_legacy_pth():
+		print(f"frappe_pgpool: removed {path} (written by an older install-app; the package arms now).")
+	if bootstrap.shipped_pth() is None:
+		print(
+			f"frappe_pgpool: WARNING: {bootstrap.PTH_NAME} is not in this Python environment "
+			f"({', '.join(bootstrap.site_dirs())}): its processes are armed late, by the request and job "
+			"hooks, and each one's first request goes unpooled. Install the app into the environment with "
+			"pip or uv (bench get-app, bench setup requirements)."
+		)
 
 
 def before_uninstall() -> None:

@@ -3,17 +3,26 @@
 Idempotent and order-independent, in the manner of ddtrace's patch()/unpatch(): installing
 twice wraps once; uninstalling restores the original attribute when our wrapper is the
 outermost one, and otherwise turns it into a pass-through (someone wrapped on top of us).
+Only Frappe 15 and 16 are patched; any other major logs once and is left alone (served unpooled).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import wrapt
 
 from . import frappe_layer
 
+log = logging.getLogger("frappe_pgpool")
+SUPPORTED_MAJORS = (15, 16)
+
 _lock = threading.Lock()
+# install()/uninstall() import Frappe's modules before taking _lock; that import runs the import
+# trigger (bootstrap), which calls install() again in the same thread: it must return at once.
+_resolving = threading.local()
+_unsupported: str | None = None  # the Frappe version refused, once logged
 
 # (module path, class name or None for the module itself, attribute) -> the wrapper we put there
 _TARGETS = (
@@ -41,12 +50,48 @@ def _our_wrapper(cls: object, attr: str, wrapper) -> wrapt.FunctionWrapper | Non
 	return None
 
 
+def _resolve() -> list | None:
+	"""[(class or module, attribute, wrapper)], importing what is needed; None when re-entered."""
+	if getattr(_resolving, "active", False):
+		return None
+	_resolving.active = True
+	try:
+		return [(_find(m, c), attr, wrapper) for m, c, attr, wrapper in _TARGETS]
+	finally:
+		_resolving.active = False
+
+
+def supported() -> bool:
+	"""True on Frappe 15 and 16; otherwise logs once (per process) and returns False."""
+	global _unsupported
+	import frappe
+
+	version = str(getattr(frappe, "__version__", "?"))
+	try:
+		major = int(version.split(".")[0])
+	except ValueError:
+		major = None
+	if major in SUPPORTED_MAJORS:
+		return True
+	if _unsupported != version:
+		_unsupported = version
+		log.error(
+			"frappe_pgpool: Frappe %s is not supported (only %s are); the patch is not installed "
+			"and every site of this process is served unpooled",
+			version,
+			" and ".join(str(m) for m in SUPPORTED_MAJORS),
+		)
+	return False
+
+
 def install() -> bool:
 	"""Wrap the methods; True if anything was (re)enabled."""
+	targets = _resolve()
+	if targets is None or not supported():
+		return False
 	changed = False
 	with _lock:
-		for module_name, class_name, attr, wrapper in _TARGETS:
-			cls = _find(module_name, class_name)
+		for cls, attr, wrapper in targets:
 			existing = _our_wrapper(cls, attr, wrapper)
 			if existing is not None:
 				if not existing._self_enabled():
@@ -60,10 +105,12 @@ def install() -> bool:
 
 def uninstall() -> bool:
 	"""Restore the originals; True if anything was removed or disabled."""
+	targets = _resolve()
+	if targets is None:
+		return False
 	changed = False
 	with _lock:
-		for module_name, class_name, attr, wrapper in _TARGETS:
-			cls = _find(module_name, class_name)
+		for cls, attr, wrapper in targets:
 			existing = _our_wrapper(cls, attr, wrapper)
 			if existing is None:
 				continue
@@ -76,8 +123,13 @@ def uninstall() -> bool:
 
 
 def is_installed() -> bool:
+	"""True when every wrapper is in place and enabled; imports nothing."""
+	import sys
+
 	for module_name, class_name, attr, wrapper in _TARGETS:
-		existing = _our_wrapper(_find(module_name, class_name), attr, wrapper)
+		module = sys.modules.get(module_name)
+		cls = module if class_name is None or module is None else getattr(module, class_name, None)
+		existing = _our_wrapper(cls, attr, wrapper) if cls is not None else None
 		if existing is None or not existing._self_enabled():
 			return False
 	return True

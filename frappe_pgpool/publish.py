@@ -17,6 +17,7 @@ import threading
 import time
 
 from . import observe
+from .bootstrap import armed
 from .pool import PoolRegistry
 
 log = logging.getLogger("frappe_pgpool")
@@ -78,7 +79,8 @@ class Publisher:
 		self.publish()
 
 	def publish(self) -> int:
-		items = observe.reports(self.registry)
+		# armed: how this process got the patch, "start", "hook" (late) or "no" (see bootstrap.armed)
+		items = [{**report, "armed": armed()} for report in observe.reports(self.registry)]
 		try:
 			with self._lock:
 				if self._client is None:
