@@ -55,8 +55,11 @@ def _check(event: str) -> None:
 	role = _role()
 	if state == "hook":
 		_done = True
+		from .pool import registry
+
 		db = getattr(frappe.local, "db", None)
-		opened = db is not None and db.__dict__.get("_conn") is not None
+		conn = db.__dict__.get("_conn") if db is not None else None
+		unpooled = conn is not None and not registry.owns(conn)  # opened before the patch was in place
 		log.warning(
 			"frappe_pgpool: %s process %d was not armed at start: %s. Armed now by the %s hook of site %s: %s",
 			role,
@@ -65,7 +68,7 @@ def _check(event: str) -> None:
 			event,
 			site,
 			"its first request went unpooled (its connection was opened before the hook ran); the next ones are pooled"
-			if opened
+			if unpooled
 			else "pooled from its first query on",
 		)
 		return

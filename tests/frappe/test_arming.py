@@ -422,4 +422,25 @@ def test_every_interpreter_of_the_bench_env_is_armed_without_importing_wrapt():
 		""",
 		SITE,
 	)
-	assert state == {"heavy": [], "finder": "frappe_pgpool.bootstrap._Trigger"}
+	assert state == {"heavy": [], "finder": "frappe_pgpool.bootstrap._Trigger"}, (
+		f"{state}: was the app installed into {BENCH}/env before its build backend shipped {PTH}? "
+		"Install it again (bench setup requirements, or uv pip install -e apps/frappe_pgpool)"
+	)
+
+
+def test_a_process_kept_unarmed_says_so_and_reports_armed_no(monkeypatch):
+	assert read_site_config(SITE).get("db_pool_enabled") == 1
+	monkeypatch.setenv("FRAPPE_PGPOOL_DISABLE_PATCH", "1")
+	with Gunicorn(workers=2) as web:
+		codes = {code for code, _ in web.hammer([("/api/method/ping", SITE, None)] * 40, concurrency=4)}
+		pids = web.worker_pids()
+		reports = published(BENCH_PYTHON, SITE, pids)
+	log = web.log.read_text(errors="replace")
+	assert codes == {200}
+	assert {pid: r["armed"] for pid, r in reports.items()} == {pid: "no" for pid in pids}
+	assert all(r["pools"] == [] for r in reports.values())
+	lines = re.findall(
+		r"frappe_pgpool: web process (\d+) serves site (\S+) \(db_pool_enabled\) unpooled: (.*)", log
+	)
+	assert sorted(int(pid) for pid, _, _ in lines) == sorted(pids)
+	assert all(site == SITE and "FRAPPE_PGPOOL_DISABLE_PATCH=1" in why for _, site, why in lines)
