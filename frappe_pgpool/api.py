@@ -27,8 +27,11 @@ def status() -> dict:
 		"current_database": current_database,
 		"application_name": application_name,
 		"patch_installed": is_installed(),
-		"pools": [pool.snapshot() for key, pool in registry.pools().items() if key.site == site],
-		"processes": _processes(site),  # what `bench --site S pgpool status --json` prints
+		# this process's budget ({"budget", "open", "peak"}) and "armed", where this version has them
+		**observe.process_fields(registry),
+		"pools": [p for r in observe.with_rates(observe.reports(registry, site)) for p in r["pools"]],
+		# what `bench --site S pgpool status --json` prints
+		"processes": observe.with_rates(_processes(site)),
 	}
 
 

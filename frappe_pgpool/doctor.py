@@ -1,16 +1,28 @@
-"""Deployment checks against pgBouncer's admin console. No Frappe import.
+"""Deployment checks for a whole bench: its pgBouncer (admin console) and its PostgreSQL server(s).
 
-Each finding says what is wrong and how to fix it. The sizing rule comes from session mode: a
-pooled client keeps its server connection for as long as it stays connected, so the clients
-that one site's processes may hold must fit in that database's pgBouncer pool, or the excess
-waits in pgBouncer (cl_waiting) and fails after query_wait_timeout.
+No Frappe import. Every web worker and job process of a bench serves every site, and a pool is per
+process and site: a process keeps a connection open for each site it served lately (until
+db_pool_max_idle), unless a per-process budget (db_pool_process_budget) caps what it keeps across
+all sites. So the checks add up what all the bench's processes can hold at once:
+
+- per pgBouncer (database, user) pool, in session mode: a client pins a server connection for as
+  long as it stays connected, idle or not; clients beyond pool_size (+ reserve) wait (cl_waiting)
+  and fail after query_wait_timeout. In transaction mode a server is held only during a
+  transaction, so idle clients pin nothing and only concurrent transactions count;
+- per PostgreSQL server: every connection that reaches it is a backend, and it refuses logins
+  beyond max_connections - superuser_reserved_connections (- reserved_connections on 16+). Behind
+  pgBouncer that is what its pools may open, without pgBouncer every connection the processes hold.
+
+Each finding says what is wrong, with the numbers, and how to fix it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -18,24 +30,39 @@ import psycopg2.extensions
 from .pool import PoolConfig
 from .publish import redacted
 
+Connect = Callable[[], Any]
+
 
 @dataclass(frozen=True)
-class Deployment:
-	"""One pooled site and the processes that connect for it."""
+class Site:
+	"""A PostgreSQL site of the bench, as its processes connect to it."""
 
-	site: str
+	name: str
 	dbname: str
 	user: str
-	config: PoolConfig
-	web_processes: int
-	web_threads: int = 1
-	job_processes: int = 1  # RQ workers and the scheduler: one connection each at a time
+	config: PoolConfig  # enabled=False: plain Frappe, one connection per request in flight
+	address: str = ""  # host:port its processes connect to (see `address`): a pgBouncer or PostgreSQL
+	connect: Connect | None = field(default=None, compare=False, repr=False)  # with its own credentials
+	# db_pool_process_budget as its processes apply it: "auto", a whole number, or None for a
+	# frappe_pgpool without one (each pool then keeps up to min(threads, db_pool_size) on its own)
+	process_budget: object = None
 
 	@property
-	def clients(self) -> int:
-		"""Most pgBouncer clients (so, in session mode, server connections) this site can hold."""
-		per_web = min(self.web_threads, self.config.size)
-		return self.web_processes * per_web + self.job_processes * min(1, self.config.size)
+	def pooled(self) -> bool:
+		return bool(self.config.enabled)
+
+
+@dataclass(frozen=True)
+class Bench:
+	"""The sites of a bench and its processes, each of which may connect to every site."""
+
+	sites: tuple[Site, ...]
+	web: int  # gunicorn worker processes
+	threads: int = 1  # threads per gunicorn worker
+	jobs: int = 1  # RQ work-horses and the scheduler: one job, so one connection in use, at a time each
+
+	def __post_init__(self) -> None:
+		object.__setattr__(self, "sites", tuple(self.sites))
 
 
 @dataclass(frozen=True)
@@ -97,7 +124,13 @@ class ResolvedDsn:
 
 	@property
 	def shown(self) -> str:
-		return redacted(self.dsn) if self.dsn else "(none)"
+		if not self.dsn:
+			return "(none)"
+		try:
+			psycopg2.extensions.parse_dsn(self.dsn)
+		except psycopg2.Error:  # where its password ends is anyone's guess
+			return "(a malformed DSN, not shown)"
+		return redacted(self.dsn)
 
 	def connect(self, **kw) -> psycopg2.extensions.connection:
 		try:
@@ -136,8 +169,8 @@ def _resolve(option, option_dsn, env, keys, conf, environ, ask) -> ResolvedDsn:
 					f"the password in {option} is visible to every local user (ps, /proc) while doctor runs, "
 					"and stays in your shell history",
 					f"leave it out of the command line: export {env}, or set {keys[0]} in "
-					"common_site_config.json, or keep it out of the DSN and put it in ~/.pgpass (or PGPASSFILE), "
-					"or use --ask-password",
+					"common_site_config.json, or keep it out of the DSN and put it in ~/.pgpass (or PGPASSFILE)"
+					+ (", or use --ask-password" if option == "--admin-dsn" else ""),
 				)
 			)
 	elif environ.get(env):
@@ -154,6 +187,38 @@ def _resolve(option, option_dsn, env, keys, conf, environ, ask) -> ResolvedDsn:
 	return ResolvedDsn(dsn, source, findings)
 
 
+POSTGRES_DSN_ENV = "PGPOOL_POSTGRES_DSN"
+POSTGRES_DSN_KEYS = ("pgpool_postgres_dsn",)
+
+
+def resolve_postgres_dsn(
+	option_dsn: str | None, conf: Mapping[str, object], environ: Mapping[str, str]
+) -> ResolvedDsn:
+	"""A DSN to PostgreSQL itself (any database and role: the settings and pg_stat_activity's count are
+	readable by all), for sites whose own credentials cannot read their server: --postgres-dsn, else
+	$PGPOOL_POSTGRES_DSN, else pgpool_postgres_dsn in the config."""
+	return _resolve("--postgres-dsn", option_dsn, POSTGRES_DSN_ENV, POSTGRES_DSN_KEYS, conf, environ, None)
+
+
+_LOOPBACK = {"", "localhost", "127.0.0.1", "::1"}
+
+
+def address(host: object, port: object) -> str:
+	"""host:port as a site config or a DSN names it; loopback names, sockets and the default port made alike."""
+	host = str(host or "")
+	if host in _LOOPBACK or host.startswith("/"):
+		host = "localhost"
+	return f"{host}:{port or 5432}"
+
+
+def dsn_address(dsn: str | None) -> str:
+	try:
+		parts = psycopg2.extensions.parse_dsn(dsn or "")
+	except psycopg2.Error:
+		return ""
+	return address(parts.get("host"), parts.get("port"))
+
+
 def _number(value: object) -> float:
 	try:
 		return float(value)  # SHOW CONFIG gives text
@@ -161,47 +226,214 @@ def _number(value: object) -> float:
 		return 0.0
 
 
-def examine(connect: Callable[[], object], deployments: list[Deployment]) -> list[Finding]:
-	"""Check the deployments against the pgBouncer that `connect` reaches (its admin console)."""
+# --- what the bench's processes can hold ---
+
+
+def _budget_value(value: object, concurrency: int) -> int | None:
+	if isinstance(value, str):
+		word = value.strip().lower()
+		if word == "auto":
+			return concurrency
+		if word in ("", "0", "off", "none"):
+			return None
+	if value is None or isinstance(value, bool):
+		return None
 	try:
+		number = int(value)
+	except (TypeError, ValueError):
+		return None
+	return number if number > 0 else None
+
+
+def process_budget(sites: Iterable[Site], concurrency: int, override: object = None) -> int | None:
+	"""Most connections a process with `concurrency` threads keeps open across all sites, or None.
+
+	db_pool_process_budget: "auto" is the process's peak of concurrent checkouts, so at most its thread
+	count (1 for a sync worker or an RQ work-horse); a number is that number. The process applies the
+	value of the site it serves: with different values on different sites the largest counts (an upper
+	bound); a site without one (None) means no budget.
+	"""
+	values = [override] if override is not None else [s.process_budget for s in sites if s.pooled]
+	limits = [_budget_value(v, concurrency) for v in values]
+	if not limits or None in limits:
+		return None
+	return max(limits)
+
+
+@dataclass(frozen=True)
+class Demand:
+	"""Connections the bench's processes can hold at once for some of its sites."""
+
+	bench: Bench
+	web: int  # one web process
+	job: int  # one job process
+
+	@property
+	def total(self) -> int:
+		return self.bench.web * self.web + self.bench.jobs * self.job
+
+	@property
+	def text(self) -> str:
+		return f"{self.bench.web} web x {self.web} + {self.bench.jobs} job x {self.job} = {self.total}"
+
+
+def demand(bench: Bench, sites: Sequence[Site], budget: object = None, active: bool = False) -> Demand:
+	"""What every process of the bench can hold at once for `sites` (each process may serve each site).
+
+	A process keeps up to min(threads, db_pool_size) connections per pooled site, at most its budget
+	across all sites; a plain Frappe site costs one connection per request in flight. `active`: only
+	connections inside a transaction (what pgBouncer's transaction mode gives a server to), one per thread.
+	"""
+	held = []
+	for concurrency in (bench.threads, 1):
+		pooled = [s for s in sites if s.pooled]
+		count = sum(min(concurrency, s.config.size) for s in pooled)
+		plain = concurrency if len(pooled) < len(sites) else 0
+		if active:
+			count = min(concurrency, count + plain)
+		else:
+			limit = process_budget(bench.sites, concurrency, budget)
+			count = (count if limit is None else min(count, limit)) + plain
+		held.append(count)
+	return Demand(bench, *held)
+
+
+def _with_auto_budget(bench: Bench, sites: Sequence[Site], current: Demand) -> str:
+	"""The fix clause a budget offers for this demand, or ''."""
+	auto = demand(bench, sites, budget="auto")
+	if auto.total >= current.total:
+		return ""
+	return (
+		"set db_pool_process_budget to auto (a process then keeps at most one connection per thread across "
+		f"all sites: {auto.text})"
+	)
+
+
+def _names(sites: Iterable[Site]) -> str:
+	names = sorted({s.name for s in sites})
+	if len(names) <= 3:
+		return ", ".join(names)
+	return f"{len(names)} sites ({names[0]}, {names[1]}, ..., {names[-1]})"
+
+
+def _plural(count: int, word: str) -> str:
+	return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _group(sites: Iterable[Site], key: Callable[[Site], Any]) -> dict[Any, list[Site]]:
+	groups: dict[Any, list[Site]] = {}
+	for s in sites:
+		groups.setdefault(key(s), []).append(s)
+	return groups
+
+
+def _pool_key(s: Site) -> tuple[str, str]:
+	return (s.dbname, s.user)
+
+
+# --- pgBouncer ---
+
+
+@dataclass(frozen=True)
+class Bouncer:
+	"""What pgBouncer's admin console says about its settings and pools."""
+
+	address: str
+	settings: dict
+	databases: dict
+	users: dict
+	pools: list
+
+	@classmethod
+	def read(cls, address: str, connect: Connect) -> Bouncer:
 		settings = {row["key"]: row["value"] for row in admin_rows(connect, "SHOW CONFIG")}
 		databases = {row["name"]: row for row in admin_rows(connect, "SHOW DATABASES")}
-		pools = admin_rows(connect, "SHOW POOLS")
-	except psycopg2.Error as e:
-		reason = describe_error(e)
-		return [
-			Finding(
-				"error",
-				"admin console",
-				f"cannot query pgBouncer's admin console: {reason}",
-				"give pgbouncer_admin_dsn (common_site_config.json, $PGPOOL_ADMIN_DSN or --admin-dsn) a user "
-				"listed in pgBouncer's admin_users or stats_users, with dbname=pgbouncer",
-			)
-		]
+		try:
+			users = {row["name"]: row for row in admin_rows(connect, "SHOW USERS")}
+		except psycopg2.Error:
+			users = {}
+		return cls(address, settings, databases, users, admin_rows(connect, "SHOW POOLS"))
+
+	def _db(self, dbname: str) -> dict:
+		return self.databases.get(dbname) or self.databases.get("*") or {}
+
+	def mode(self, dbname: str, user: str) -> str:
+		return (
+			(self.users.get(user) or {}).get("pool_mode")
+			or self._db(dbname).get("pool_mode")
+			or self.settings.get("pool_mode")
+			or "session"
+		)
+
+	def size(self, dbname: str) -> int:
+		return int(_number(self._db(dbname).get("pool_size"))) or int(
+			_number(self.settings.get("default_pool_size"))
+		)
+
+	def reserve(self, dbname: str) -> int:
+		entry = self._db(dbname)
+		if entry.get("reserve_pool") is not None:
+			return int(_number(entry["reserve_pool"]))
+		return int(_number(self.settings.get("reserve_pool_size")))
+
+	def max_db(self, dbname: str) -> int:
+		return int(_number(self._db(dbname).get("max_connections"))) or int(
+			_number(self.settings.get("max_db_connections"))
+		)
+
+	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None) -> int:
+		"""Most server connections this pgBouncer's pools may open for `sites`."""
+		total = 0
+		for (db, user), members in _group(sites, _pool_key).items():
+			active = self.mode(db, user) != "session"
+			total += min(self.size(db) + self.reserve(db), demand(bench, members, budget, active).total)
+		return min(total, demand(bench, sites, budget).total)
+
+
+ADMIN_FIX = (
+	"give pgbouncer_admin_dsn (common_site_config.json, $PGPOOL_ADMIN_DSN or --admin-dsn) a user "
+	"listed in pgBouncer's admin_users or stats_users, with dbname=pgbouncer"
+)
+
+
+def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]:
 	findings: list[Finding] = []
-	default_mode = settings.get("pool_mode", "session")
-	default_size = int(_number(settings.get("default_pool_size")))
-	reserve = int(_number(settings.get("reserve_pool_size")))
-	total_clients = 0
-	for d in deployments:
-		entry = databases.get(d.dbname) or databases.get("*") or {}
-		mode = entry.get("pool_mode") or default_mode
-		size = int(_number(entry.get("pool_size"))) or default_size
-		total_clients += d.clients
-		findings += _pool_mode(d, mode)
-		if mode == "session":
-			findings += _sizing(d, size, reserve, settings)
-		findings += _waiting(d, pools)
-		findings += _idle_timeout(d, settings)
-		findings += _lifetime(d, settings, mode)
-	max_client = int(_number(settings.get("max_client_conn")))
-	if max_client and total_clients > max_client:
+	pools = _group(sites, _pool_key)
+	modes = {key: b.mode(*key) for key in pools}
+	session = [s for key, members in pools.items() if modes[key] == "session" for s in members]
+	if session:
+		findings.append(
+			Finding(
+				"ok",
+				"pool_mode",
+				f"{_names(session)}: session mode: a client pins a server connection while it stays "
+				"connected, idle or not, so all the bench's pooled clients must fit (pool size, below)",
+			)
+		)
+	for key, members in pools.items():
+		if modes[key] != "session":
+			findings.append(_pool_mode(members, modes[key]))
+	findings += _pool_sizes(bench, b, pools, modes)
+	findings += _server_caps(bench, b, pools, modes)
+	total = demand(bench, sites)
+	max_client = int(_number(b.settings.get("max_client_conn")))
+	if max_client and total.total > max_client:
 		findings.append(
 			Finding(
 				"error",
 				"max_client_conn",
-				f"the pooled sites can hold {total_clients} clients; pgBouncer accepts max_client_conn={max_client}",
-				f"raise max_client_conn to at least {total_clients} plus your other clients, or lower db_pool_size",
+				f"pgBouncer {b.address}: the bench's processes can hold {total.text} clients for "
+				f"{_names(sites)}; it accepts max_client_conn={max_client}",
+				"; or ".join(
+					filter(
+						None,
+						[
+							f"raise max_client_conn to at least {total.total} plus your other clients",
+							_with_auto_budget(bench, sites, total),
+							"lower db_pool_size",
+						],
+					)
+				),
 			)
 		)
 	elif max_client:
@@ -209,10 +441,13 @@ def examine(connect: Callable[[], object], deployments: list[Deployment]) -> lis
 			Finding(
 				"ok",
 				"max_client_conn",
-				f"{total_clients} pooled clients at most, max_client_conn={max_client}",
+				f"{total.total} pooled clients at most ({total.text}), max_client_conn={max_client}",
 			)
 		)
-	retry = _number(settings.get("server_login_retry"))
+	findings += _waiting(b, pools)
+	findings += _idle_timeout(sites, b.settings)
+	findings += _lifetime(sites, b.settings, lambda s: modes[_pool_key(s)])
+	retry = _number(b.settings.get("server_login_retry"))
 	if retry > 5:
 		findings.append(
 			Finding(
@@ -225,104 +460,526 @@ def examine(connect: Callable[[], object], deployments: list[Deployment]) -> lis
 	return findings
 
 
-def _pool_mode(d: Deployment, mode: str) -> list[Finding]:
-	if mode == "session":
-		return [Finding("ok", "pool_mode", f"{d.site}: session mode")]
-	fix = "use pool_mode = session for Frappe databases"
-	if d.config.reset_query:
+def _pool_mode(members: list[Site], mode: str) -> Finding:
+	fix = "use pool_mode = session for Frappe databases, with pools sized as the pool size check says"
+	if any(s.config.reset_query for s in members):
 		fix += f', or keep {mode} mode and set db_pool_reset_query to "" (the reset then runs on an arbitrary server)'
+	return Finding(
+		"warn",
+		"pool_mode",
+		f"{_names(members)}: pool_mode is {mode}: a server connection is held only during a transaction, so "
+		"idle clients pin none (many sites x workers fit a small pool), but Frappe's session state (SET, "
+		"temp tables, advisory locks, LISTEN) does not follow a client across transactions there",
+		fix,
+	)
+
+
+def _pool_sizes(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Finding]:
+	findings, fitting = [], []
+	wait = b.settings.get("query_wait_timeout", "120")
+	for (db, user), members in pools.items():
+		size, reserve = b.size(db), b.reserve(db)
+		if modes[(db, user)] != "session":
+			active = demand(bench, members, active=True)
+			if active.total > size + reserve:
+				findings.append(
+					Finding(
+						"warn",
+						"pool size",
+						f"pgBouncer pool {db}/{user}, for {_names(members)}: up to {active.text} transactions at "
+						f"once for {size} server connections (+{reserve} reserve): the excess queues in pgBouncer",
+						f"raise pool_size for {db} to {active.total} if those waits show in SHOW POOLS (cl_waiting)",
+					)
+				)
+			else:
+				fitting.append((active.total, size + reserve, db, user, "transactions"))
+			continue
+		d = demand(bench, members)
+		if d.total <= size + reserve:
+			fitting.append((d.total, size + reserve, db, user, "clients"))
+			continue
+		fixes = [
+			f"raise default_pool_size (or pool_size for {db}) to at least {d.total}, within PostgreSQL's "
+			"max_connections",
+			_with_auto_budget(bench, members, d),
+			"lower db_pool_size or the number of workers",
+			"use pool_mode = transaction if your apps keep no session state (see pool_mode)",
+		]
+		findings.append(
+			Finding(
+				"error",
+				"pool size",
+				f"pgBouncer pool {db}/{user}, for {_names(members)}: {d.text} clients, but the pool has {size} "
+				f"server connections (+{reserve} reserve); in session mode each client pins one, so the "
+				f"excess waits, then fails after query_wait_timeout={wait}s",
+				"; or ".join(filter(None, fixes)),
+			)
+		)
+	if fitting:
+		need, cap, db, user, what = max(fitting, key=lambda f: f[0] / max(f[1], 1))
+		fullest = f"{db}/{user}, {need} {what} at most for {cap} server connections"
+		findings.append(
+			Finding(
+				"ok",
+				"pool size",
+				f"pgBouncer pool {fullest}"
+				if len(fitting) == 1
+				else f"{len(fitting)} pgBouncer pools fit; the fullest: {fullest}",
+			)
+		)
+	return findings
+
+
+def _server_caps(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Finding]:
+	"""max_db_connections and max_user_connections, over the pools that share a database or a user."""
+	findings = []
+	for axis, index, setting in (("database", 0, "max_db_connections"), ("user", 1, "max_user_connections")):
+		groups = _group(pools, lambda key, i=index: key[i])
+		for name, keys in groups.items():
+			cap = b.max_db(name) if axis == "database" else int(_number(b.settings.get(setting)))
+			if not cap:
+				continue
+			members = [s for key in keys for s in pools[key]]
+			opened = b.opened(bench, members)
+			if opened > cap:
+				findings.append(
+					Finding(
+						"error",
+						setting,
+						f"pgBouncer {axis} {name} ({_names(members)}): its pools may open {opened} server "
+						f"connections, but {setting}={cap}: the excess clients wait, then fail",
+						f"raise {setting} to at least {opened}, or lower the pools' size or db_pool_size",
+					)
+				)
+	return findings
+
+
+def _waiting(b: Bouncer, pools: dict) -> list[Finding]:
+	dbs = {db for db, _ in pools}
+	waiting = {}
+	for p in b.pools:
+		if p.get("database") in dbs and int(p.get("cl_waiting") or 0):
+			waiting[p["database"]] = waiting.get(p["database"], 0) + int(p["cl_waiting"])
+	if not waiting:
+		return []
 	return [
 		Finding(
 			"warn",
-			"pool_mode",
-			f"{d.site}: pool_mode is {mode}: Frappe's session state (SET, temp tables, advisory locks, "
-			"LISTEN) does not follow a client across transactions there",
-			fix,
+			"cl_waiting",
+			"clients waiting for a server connection right now: "
+			+ ", ".join(f"{db}: {n}" for db, n in sorted(waiting.items())),
+			"see SHOW POOLS; raise those pools' pool_size or lower db_pool_size (or set db_pool_process_budget)",
 		)
 	]
 
 
-def _sizing(d: Deployment, size: int, reserve: int, settings: dict) -> list[Finding]:
-	demand = (
-		f"{d.web_processes} web x {min(d.web_threads, d.config.size)} + {d.job_processes} job processes "
-		f"= {d.clients} clients"
-	)
-	if d.clients > size + reserve:
-		wait = settings.get("query_wait_timeout", "120")
-		return [
-			Finding(
-				"error",
-				"pool size",
-				f"{d.site}: {demand}, but pgBouncer's pool for {d.dbname} has {size} server connections "
-				f"(+{reserve} reserve); in session mode the excess waits, then fails after query_wait_timeout={wait}s",
-				f"raise default_pool_size (or pool_size for {d.dbname}) to at least {d.clients}, "
-				"or lower db_pool_size / the number of workers",
-			)
-		]
-	return [Finding("ok", "pool size", f"{d.site}: {demand} within pool_size {size}")]
-
-
-def _waiting(d: Deployment, pools: list[dict]) -> list[Finding]:
-	waiting = sum(int(p.get("cl_waiting") or 0) for p in pools if p.get("database") == d.dbname)
-	if waiting:
-		return [
-			Finding(
-				"warn",
-				"cl_waiting",
-				f"{d.site}: {waiting} clients are waiting for a server connection right now",
-				f"see SHOW POOLS for {d.dbname}; raise its pool_size or lower db_pool_size",
-			)
-		]
-	return []
-
-
-def _idle_timeout(d: Deployment, settings: dict) -> list[Finding]:
+def _idle_timeout(sites: list[Site], settings: dict) -> list[Finding]:
 	timeout = _number(settings.get("client_idle_timeout"))
-	if not timeout:
+	pooled = [s for s in sites if s.pooled]
+	if not timeout or not pooled:
 		return []
-	if not d.config.max_idle or d.config.max_idle >= timeout:
-		suggestion = max(1, int(timeout * 0.8))
+	bad = [s for s in pooled if not s.config.max_idle or s.config.max_idle >= timeout]
+	if bad:
+		values = "/".join(f"{v:g}" for v in sorted({s.config.max_idle for s in bad}))
 		return [
 			Finding(
 				"warn",
 				"client_idle_timeout",
-				f"{d.site}: pgBouncer closes clients idle for {timeout:g}s but db_pool_max_idle={d.config.max_idle:g}: "
+				f"{_names(bad)}: pgBouncer closes clients idle for {timeout:g}s but db_pool_max_idle={values}: "
 				"idle pooled connections get killed (detected at checkout, at the cost of a new login)",
-				f"set db_pool_max_idle to {suggestion} (below client_idle_timeout)",
+				f"set db_pool_max_idle to {max(1, int(timeout * 0.8))} (below client_idle_timeout)",
 			)
 		]
-	return [Finding("ok", "client_idle_timeout", f"{d.site}: db_pool_max_idle below {timeout:g}s")]
+	return [Finding("ok", "client_idle_timeout", f"{_names(pooled)}: db_pool_max_idle below {timeout:g}s")]
 
 
-def _lifetime(d: Deployment, settings: dict, mode: str) -> list[Finding]:
-	lifetime = d.config.max_lifetime
+def _lifetime(sites: list[Site], settings: dict, mode_of: Callable[[Site], str]) -> list[Finding]:
+	pooled = [s for s in sites if s.pooled]
 	server_lifetime = _number(settings.get("server_lifetime"))
-	if not lifetime:
-		return [
+	never = [s for s in pooled if not s.config.max_lifetime]
+	longer = [
+		s
+		for s in pooled
+		if s.config.max_lifetime
+		and mode_of(s) == "session"
+		and server_lifetime
+		and s.config.max_lifetime > server_lifetime
+	]
+	findings = []
+	if never:
+		findings.append(
 			Finding(
 				"warn",
 				"max_lifetime",
-				f"{d.site}: db_pool_max_lifetime=0: pooled clients never leave, so PAUSE, RECONNECT and a safe "
-				"shutdown (SIGINT) of pgBouncer never finish while workers are busy",
+				f"{_names(never)}: db_pool_max_lifetime=0: pooled clients never leave, so PAUSE, RECONNECT and a "
+				"safe shutdown (SIGINT) of pgBouncer never finish while workers are busy",
 				"set db_pool_max_lifetime, e.g. 600",
 			)
-		]
-	if mode == "session" and server_lifetime and lifetime > server_lifetime:
-		return [
+		)
+	if longer:
+		values = "/".join(f"{v:g}" for v in sorted({s.config.max_lifetime for s in longer}))
+		findings.append(
 			Finding(
 				"warn",
 				"server_lifetime",
-				f"{d.site}: in session mode a server connection is recycled only when its client leaves, so "
-				f"they live up to db_pool_max_lifetime={lifetime:g}s, not server_lifetime={server_lifetime:g}s",
+				f"{_names(longer)}: in session mode a server connection is recycled only when its client leaves, "
+				f"so they live up to db_pool_max_lifetime={values}s, not server_lifetime={server_lifetime:g}s",
 				f"set db_pool_max_lifetime to {server_lifetime:g} or less",
+			)
+		)
+	rest = [s for s in pooled if s not in never and s not in longer]
+	if rest:
+		longest = max(s.config.max_lifetime for s in rest)
+		findings.append(
+			Finding(
+				"ok",
+				"max_lifetime",
+				f"{_names(rest)}: connections recycled within {longest:g}s: PAUSE and safe shutdown drain "
+				"within that",
+			)
+		)
+	return findings
+
+
+# --- PostgreSQL ---
+
+
+@dataclass(frozen=True)
+class Server:
+	"""One PostgreSQL server, as a connection to it reads it."""
+
+	identity: str  # its system identifier (or address): the same server however it is reached
+	name: str  # address:port as the server sees it
+	version: str
+	max_connections: int
+	superuser_reserved: int
+	reserved: int  # reserved_connections (PostgreSQL 16+), for roles with pg_use_reserved_connections
+	in_use: int  # client backends now
+	idle_session_timeout: float  # seconds, 0 = off
+	port: int
+
+	@property
+	def limit(self) -> int:
+		"""Backends that roles without special privileges can open."""
+		return self.max_connections - self.superuser_reserved - self.reserved
+
+	@property
+	def limit_text(self) -> str:
+		text = f"max_connections={self.max_connections} - superuser_reserved_connections={self.superuser_reserved}"
+		if self.reserved:
+			text += f" - reserved_connections={self.reserved}"
+		return f"{text} = {self.limit}"
+
+
+_SERVER_SQL = """
+SELECT current_setting('server_version'), current_setting('max_connections')::int,
+	current_setting('superuser_reserved_connections')::int,
+	coalesce(current_setting('reserved_connections', true), '0')::int,
+	host(inet_server_addr()), inet_server_port(), current_setting('port')::int,
+	(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+	coalesce((SELECT setting::float8 / 1000 FROM pg_settings WHERE name = 'idle_session_timeout'), 0)
+"""
+
+
+def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+	"""fn() in a thread, given up after `seconds`: through a full session-mode pgBouncer a new client waits."""
+	box: dict[str, Any] = {}
+
+	def run() -> None:
+		try:
+			box["value"] = fn()
+		except BaseException as e:
+			box["error"] = e
+
+	thread = threading.Thread(target=run, name="frappe_pgpool-doctor", daemon=True)
+	thread.start()
+	thread.join(seconds)
+	if thread.is_alive():
+		raise TimeoutError(
+			f"no answer within {seconds:g}s (through a full pgBouncer pool a new client waits)"
+		)
+	if "error" in box:
+		raise box["error"]
+	return box["value"]
+
+
+def read_server(connect: Connect, timeout: float = 10.0) -> Server:
+	"""max_connections and friends, through any connection to the server (pgBouncer forwards them)."""
+
+	def read() -> Server:
+		conn = connect()
+		try:
+			conn.autocommit = True
+			with conn.cursor() as cur:
+				cur.execute(_SERVER_SQL)
+				version, max_conn, su, reserved, host, inet_port, port, in_use, idle = cur.fetchone()
+				try:
+					cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+					system = cur.fetchone()[0]
+				except psycopg2.Error:
+					system = None
+		finally:
+			conn.close()
+		name = f"{host}:{inet_port}" if host else f"local socket, port {port}"
+		return Server(system or name, name, version.split()[0], max_conn, su, reserved, in_use, idle, port)
+
+	return _within(timeout, read)
+
+
+_READ_ERRORS = (psycopg2.Error, TimeoutError, LookupError)
+POSTGRES_FIX = (
+	"check the sites' db_host, db_port and credentials, or give doctor a DSN to PostgreSQL "
+	"(pgpool_postgres_dsn in common_site_config.json, $PGPOOL_POSTGRES_DSN or --postgres-dsn)"
+)
+
+
+def _read_servers(
+	bench: Bench, postgres: Connect | None, timeout: float
+) -> tuple[dict[str, Server], dict[str, str], list[str], list[Finding]]:
+	"""Each site's server (identity -> Server, site -> identity), what was read how, and failures."""
+	servers: dict[str, Server] = {}
+	of_site: dict[str, str] = {}
+	checked: list[str] = []
+	cache: dict[tuple, Server | Exception] = {}
+	failed: dict[str, list[Site]] = {}
+	for s in bench.sites:
+		key = (s.address, s.dbname, s.user)
+		if key not in cache:
+			try:
+				if s.connect is None:
+					raise LookupError("no credentials given")
+				cache[key] = read_server(s.connect, timeout)
+			except _READ_ERRORS as e:
+				cache[key] = e
+		result = cache[key]
+		if isinstance(result, Server):
+			if result.identity not in servers:
+				servers[result.identity] = result
+				checked.append(
+					f"PostgreSQL {result.name} ({result.version}), read with the credentials of {s.name}"
+				)
+			of_site[s.name] = result.identity
+		else:
+			failed.setdefault(describe_error(result), []).append(s)
+	findings = []
+	if failed and postgres is not None:
+		try:
+			server = read_server(postgres, timeout)
+		except _READ_ERRORS as e:
+			findings.append(
+				Finding(
+					"error",
+					"postgres",
+					f"cannot read PostgreSQL with the given DSN: {describe_error(e)}",
+					POSTGRES_FIX,
+				)
+			)
+		else:
+			if server.identity not in servers:
+				servers[server.identity] = server
+				checked.append(f"PostgreSQL {server.name} ({server.version}), read with the PostgreSQL DSN")
+			missing = [s for group in failed.values() for s in group]
+			checked.append(
+				f"{_names(missing)} assumed on {server.name} (their own credentials could not read it)"
+			)
+			of_site.update({s.name: server.identity for s in missing})
+			failed = {}
+	for reason, sites in failed.items():
+		findings.append(
+			Finding(
+				"warn",
+				"postgres",
+				f"{_names(sites)}: PostgreSQL not checked: {reason}",
+				POSTGRES_FIX,
+			)
+		)
+	return servers, of_site, checked, findings
+
+
+def _backends(
+	bench: Bench, bouncers: dict[str, Bouncer], of_site: dict[str, str], identity: str, budget: object = None
+) -> tuple[int, list[str], bool, bool]:
+	"""Most backends the bench can open on one server: (total, parts, through pgBouncer, direct)."""
+	total, parts = 0, []
+	on_server = [s for s in bench.sites if of_site.get(s.name) == identity]
+	for addr, b in bouncers.items():
+		members = [s for s in on_server if s.address == addr]
+		if members:
+			opened = b.opened(bench, members, budget)
+			pools = len(_group(members, _pool_key))
+			parts.append(f"pgBouncer {addr}: {_plural(pools, 'pool')} may open {opened}")
+			total += opened
+	direct = [s for s in on_server if s.address not in bouncers]
+	if direct:
+		d = demand(bench, direct, budget)
+		parts.append(f"{_names(direct)}, each connection a backend: {d.text}")
+		total += d.total
+	return total, parts, len(direct) < len(on_server), bool(direct)
+
+
+def _check_servers(
+	bench: Bench,
+	bouncers: dict[str, Bouncer],
+	examined: set[str],
+	postgres: Connect | None,
+	timeout: float,
+) -> tuple[list[str], list[Finding]]:
+	servers, of_site, checked, findings = _read_servers(bench, postgres, timeout)
+	for identity, server in servers.items():
+		total, parts, via_bouncer, direct = _backends(bench, bouncers, of_site, identity)
+		if total <= server.limit:
+			findings.append(
+				Finding(
+					"ok",
+					"max_connections",
+					f"PostgreSQL {server.name}: up to {total} backends from this bench ({'; '.join(parts)}) "
+					f"within {server.limit_text}; {server.in_use} in use now",
+				)
+			)
+			continue
+		fixes = [
+			f"raise max_connections to at least {total + server.superuser_reserved + server.reserved} plus "
+			"your other clients (restarts PostgreSQL)"
+		]
+		auto, *_ = _backends(bench, bouncers, of_site, identity, budget="auto")
+		if auto < total:
+			fixes.append(
+				"set db_pool_process_budget to auto (a process then keeps at most one connection per thread "
+				f"across all sites: up to {auto})"
+			)
+		if via_bouncer:
+			fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
+		if direct:
+			fixes.append(
+				"put pgBouncer in front of the sites (see pool_mode), or lower db_pool_size or the workers"
+			)
+		findings.append(
+			Finding(
+				"error",
+				"max_connections",
+				f"PostgreSQL {server.name}: this bench can open up to {total} backends ({'; '.join(parts)}), "
+				f"but it accepts {server.limit} ({server.limit_text}); {server.in_use} in use now. Beyond "
+				"that, logins fail with 'too many clients already'",
+				"; or ".join(fixes),
+			)
+		)
+	direct = [s for s in bench.sites if s.address not in examined and s.name in of_site]
+	if direct:
+		checked.append(
+			f"no pgBouncer examined in front of {_names(direct)}: checked as connecting straight to PostgreSQL"
+		)
+	for s in direct:
+		server = servers[of_site[s.name]]
+		port = s.address.rpartition(":")[2]
+		if port and port != str(server.port):
+			findings.append(
+				Finding(
+					"warn",
+					"pgbouncer",
+					f"{s.name} connects to {s.address} but PostgreSQL listens on port {server.port}: a pgBouncer "
+					"or another proxy sits between, not examined (its clients were counted as backends)",
+					"give doctor its admin console: pgbouncer_admin_dsn in common_site_config.json, "
+					"$PGPOOL_ADMIN_DSN or --admin-dsn",
+				)
+			)
+		idle = server.idle_session_timeout
+		if s.pooled and idle and (not s.config.max_idle or s.config.max_idle >= idle):
+			findings.append(
+				Finding(
+					"warn",
+					"idle_session_timeout",
+					f"{s.name}: PostgreSQL ends sessions idle for {idle:g}s but db_pool_max_idle="
+					f"{s.config.max_idle:g}: idle pooled connections get killed (found at checkout, a new login)",
+					f"set db_pool_max_idle to {max(1, int(idle * 0.8))}",
+				)
+			)
+	return checked, findings
+
+
+# --- the whole bench ---
+
+
+def examine(
+	bench: Bench,
+	bouncers: Mapping[str, Connect] | None = None,
+	postgres: Connect | None = None,
+	timeout: float = 10.0,
+) -> list[Finding]:
+	"""Check the bench: against each pgBouncer whose admin console `bouncers` maps by address (the
+	sites with that address are behind it), and against every PostgreSQL server its sites reach, read
+	with each site's own credentials (or `postgres`, a connection to the server, where they fail).
+	Sites at other addresses are checked as connecting straight to PostgreSQL."""
+	findings: list[Finding] = []
+	checked: list[str] = []
+	read: dict[str, Bouncer] = {}
+	for addr, connect in (bouncers or {}).items():
+		sites = [s for s in bench.sites if s.address == addr]
+		try:
+			read[addr] = b = Bouncer.read(addr, connect)
+		except psycopg2.Error as e:
+			findings.append(
+				Finding(
+					"error",
+					"admin console",
+					f"cannot query pgBouncer's admin console at {addr}: {describe_error(e)}",
+					ADMIN_FIX,
+				)
+			)
+			continue
+		checked.append(
+			f"pgBouncer {addr} (admin console), in front of {_names(sites) or 'no site of this bench'}"
+		)
+		findings += _check_bouncer(bench, b, sites)
+	server_checked, server_findings = _check_servers(bench, read, set(bouncers or {}), postgres, timeout)
+	return [Finding("ok", "checked", text) for text in checked + server_checked] + findings + server_findings
+
+
+ARMED_FIX = (
+	"the app's package is not installed in this environment's site-packages; reinstall with pip install / "
+	"bench get-app, then restart"
+)
+_ARMED = {
+	"hook": "armed late, by a request or job hook: connections opened before it bypassed the pool",
+	"no": "not armed: every connection bypasses the pool",
+}
+
+
+def check_processes(reports: Iterable[dict]) -> list[Finding]:
+	"""Live processes (published reports) that did not arm the pool at interpreter start."""
+	processes: dict[tuple, dict] = {}
+	for report in reports:
+		processes.setdefault((report.get("host"), report.get("pid")), report)
+	late = [r for r in processes.values() if r.get("armed") not in (None, "start")]
+	unknown = sum("armed" not in r for r in processes.values())
+	if late:
+		states = sorted({str(r.get("armed")) for r in late})
+		return [
+			Finding(
+				"error",
+				"armed",
+				f"{len(late)} of {len(processes)} live processes did not arm the pool at interpreter start: "
+				+ ", ".join(
+					f"{r.get('role')} {r.get('pid')}@{r.get('host')} ({r.get('armed')})" for r in late[:10]
+				)
+				+ (", ..." if len(late) > 10 else "")
+				+ "; "
+				+ "; ".join(f"{state}: {_ARMED.get(state, 'unknown state')}" for state in states),
+				ARMED_FIX,
+			)
+		]
+	if not processes:
+		return []
+	if unknown:
+		return [
+			Finding(
+				"ok",
+				"armed",
+				f"{len(processes) - unknown} live processes armed at start; {unknown} do not say (an older "
+				"frappe_pgpool, until they restart)",
 			)
 		]
 	return [
-		Finding(
-			"ok",
-			"max_lifetime",
-			f"{d.site}: connections recycled within {lifetime:g}s: PAUSE and safe shutdown drain within that",
-		)
+		Finding("ok", "armed", f"all {len(processes)} live processes armed the pool at interpreter start")
 	]
 
 

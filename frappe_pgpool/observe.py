@@ -1,7 +1,10 @@
 """Rendering of pool reports: a table like pgBouncer's SHOW POOLS, and Prometheus text.
 
 No Frappe import. A report is one process's view of one site:
-{"site", "host", "pid", "role", "reported_at", "pools": [ConnectionPool.snapshot(), ...]}.
+{"site", "host", "pid", "role", "reported_at", "pools": [ConnectionPool.snapshot(), ...]}, and, from
+processes that have them, "budget" (the registry's per-process budget: {"process_budget", "limit", "open",
+"peak", ...}) and "armed" ("start", "hook" or "no": how the patch was armed). A pool snapshot may carry "hits", "misses"
+and "evictions" (by reason). Reports of older processes lack these keys: every reader uses .get.
 """
 
 from __future__ import annotations
@@ -27,6 +30,22 @@ def process_role(argv: list[str] | None = None) -> str:
 	return "other"
 
 
+def process_fields(registry: PoolRegistry) -> dict:
+	"""This process's own fields of a report: how it was armed, and its budget where the registry has one."""
+	from .bootstrap import armed  # no Frappe import
+
+	fields: dict[str, object] = {"armed": armed()}
+	snapshot = getattr(registry, "snapshot", None)  # the per-process budget: setting, limit, open, peak, ...
+	if callable(snapshot):
+		try:
+			budget = snapshot()
+		except Exception:
+			budget = None
+		if isinstance(budget, dict):
+			fields["budget"] = budget
+	return fields
+
+
 def reports(registry: PoolRegistry, site: str | None = None) -> list[dict]:
 	"""This process's reports, one per site it pools (or only `site`)."""
 	by_site: dict[str, list[dict]] = {}
@@ -38,8 +57,47 @@ def reports(registry: PoolRegistry, site: str | None = None) -> list[dict]:
 		"pid": os.getpid(),
 		"role": process_role(),
 		"reported_at": time.time(),
+		**process_fields(registry),
 	}
 	return [{**base, "site": name, "pools": pools} for name, pools in sorted(by_site.items())]
+
+
+def hit_rate(pool: dict) -> float | None:
+	"""Checkouts served by an idle connection / all checkouts that counted hits and misses."""
+	hits, misses = pool.get("hits"), pool.get("misses")
+	if not isinstance(hits, int | float) or not isinstance(misses, int | float) or hits + misses <= 0:
+		return None
+	return hits / (hits + misses)
+
+
+def evictions(pool: dict) -> dict[str, int]:
+	"""Evictions by reason ({} when the report has none); a bare count shows as reason "all"."""
+	value = pool.get("evictions")
+	if isinstance(value, dict):
+		return {str(k): v for k, v in value.items() if isinstance(v, int | float)}
+	if isinstance(value, int | float) and value:
+		return {"all": value}
+	return {}
+
+
+def with_rates(items: Iterable[dict]) -> list[dict]:
+	"""Reports with each pool's hit_rate added where it can be computed (for --json and the API)."""
+	out = []
+	for report in items:
+		pools = []
+		for pool in report.get("pools", []):
+			rate = hit_rate(pool)
+			pools.append(pool if rate is None else {**pool, "hit_rate": round(rate, 4)})
+		out.append({**report, "pools": pools})
+	return out
+
+
+def _budget_cell(report: dict) -> str:
+	budget = report.get("budget")
+	if not isinstance(budget, dict):
+		return "-"
+	cell = "/".join(str(budget.get(k, "?")) for k in ("open", "limit", "peak"))
+	return f"{cell} (auto)" if budget.get("process_budget") == "auto" else cell
 
 
 COLUMNS = (
@@ -51,10 +109,15 @@ COLUMNS = (
 	("idle", 5),
 	("wait", 5),
 	("checkouts", 10),
+	("hits", 8),
+	("hit%", 5),
 	("created", 8),
 	("closed (by reason)", 28),
+	("evicted (by reason)", 20),
 	("wait ms p50/p95/p99", 20),
 	("oldest", 7),
+	("open/limit/peak", 18),
+	("armed", 5),
 )
 
 
@@ -62,10 +125,14 @@ def render_table(items: Iterable[dict]) -> str:
 	"""One line per process and pool, and a total."""
 	lines = ["  ".join(name.ljust(width) for name, width in COLUMNS).rstrip()]
 	total = {"size": 0, "max": 0, "in_use": 0, "idle": 0, "waiting": 0, "checkouts": 0, "created": 0}
+	hits = misses = evicted = 0
+	counted = False
 	for report in sorted(items, key=lambda r: (r["site"], r["host"], r["pid"])):
 		for pool in report["pools"]:
 			closed = ", ".join(f"{k}={v}" for k, v in sorted(pool["closed"].items())) or "-"
+			evicts = evictions(pool)
 			waits = "/".join(f"{pool[f'wait_seconds_{q}'] * 1000:.1f}" for q in ("p50", "p95", "p99"))
+			rate = hit_rate(pool)
 			cells = (
 				report["host"][:12],
 				report["pid"],
@@ -75,10 +142,15 @@ def render_table(items: Iterable[dict]) -> str:
 				pool["idle"],
 				pool["waiting"],
 				pool["checkouts"],
+				pool.get("hits", "-"),
+				"-" if rate is None else f"{rate * 100:.0f}%",
 				pool["created"],
 				closed,
+				", ".join(f"{k}={v}" for k, v in sorted(evicts.items())) or "-",
 				waits,
 				f"{pool['oldest_connection_seconds']:.0f}s",
+				_budget_cell(report),
+				report.get("armed", "-"),
 			)
 			lines.append(
 				"  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
@@ -86,10 +158,20 @@ def render_table(items: Iterable[dict]) -> str:
 			for field in ("size", "in_use", "idle", "waiting", "checkouts", "created"):
 				total[field] += pool[field]
 			total["max"] += pool["max_size"]
-	lines.append(
+			if rate is not None:
+				counted = True
+				hits += pool["hits"]
+				misses += pool["misses"]
+			evicted += sum(evicts.values())
+	line = (
 		f"total: {total['size']}/{total['max']} connections, {total['in_use']} in use, {total['idle']} idle, "
 		f"{total['waiting']} waiting; {total['checkouts']} checkouts, {total['created']} created"
 	)
+	if counted:
+		line += f"; {hits} hits, {misses} misses ({hits / max(hits + misses, 1) * 100:.0f}% hit rate)"
+	if evicted:
+		line += f"; {evicted} evicted"
+	lines.append(line)
 	return "\n".join(lines)
 
 
@@ -101,6 +183,9 @@ _METRICS = (
 	("frappe_pgpool_checkouts_total", "counter", "Connections handed out.", "checkouts"),
 	("frappe_pgpool_connections_created_total", "counter", "Connections opened (logins).", "created"),
 	("frappe_pgpool_connections_closed_total", "counter", "Connections closed, by reason.", None),
+	("frappe_pgpool_hits_total", "counter", "Checkouts served by an idle pooled connection.", "hits"),
+	("frappe_pgpool_misses_total", "counter", "Checkouts that had to open a connection.", "misses"),
+	("frappe_pgpool_evictions_total", "counter", "Idle connections evicted, by reason.", None),
 	(
 		"frappe_pgpool_connect_errors_total",
 		"counter",
@@ -132,6 +217,24 @@ def _labels(**labels: object) -> str:
 	return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
 
 
+_PROCESS_METRICS = (
+	# per process, not per site: labelled host, pid and role only
+	(
+		"frappe_pgpool_process_budget",
+		"gauge",
+		"Most connections the process may keep open across all sites now (db_pool_process_budget).",
+		"limit",
+	),
+	("frappe_pgpool_process_connections_open", "gauge", "Connections the process holds, all sites.", "open"),
+	("frappe_pgpool_process_connections_peak", "gauge", "Most connections the process held at once.", "peak"),
+	("frappe_pgpool_process_armed", "gauge", "1, labelled how the patch was armed: start, hook or no.", None),
+)
+
+
+def _number(value: object) -> bool:
+	return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def render_prometheus(items: Iterable[dict]) -> str:
 	"""Prometheus text exposition format 0.0.4, one series per process and pool."""
 	items = list(items)
@@ -152,10 +255,25 @@ def render_prometheus(items: Iterable[dict]) -> str:
 				elif name == "frappe_pgpool_connections_closed_total":
 					for reason, count in sorted(pool["closed"].items()):
 						out.append(f"{name}{_labels(**base, reason=reason)} {count}")
+				elif name == "frappe_pgpool_evictions_total":
+					for reason, count in sorted(evictions(pool).items()):
+						out.append(f"{name}{_labels(**base, reason=reason)} {count}")
 				elif name == "frappe_pgpool_wait_seconds":
 					for q in ("0.5", "0.95", "0.99"):
 						value = pool[f"wait_seconds_p{round(float(q) * 100)}"]
 						out.append(f"{name}{_labels(**base, quantile=q)} {value:.6f}")
-				else:
+				elif _number(pool.get(field)):
 					out.append(f"{name}{_labels(**base)} {pool[field]}")
+	processes: dict[tuple, dict] = {}
+	for report in items:
+		processes.setdefault((report["host"], report["pid"]), report)
+	for name, kind, help_text, field in _PROCESS_METRICS:
+		out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+		for report in processes.values():
+			base = {"host": report["host"], "pid": report["pid"], "role": report["role"]}
+			budget = report.get("budget") if isinstance(report.get("budget"), dict) else {}
+			if field is None and report.get("armed") is not None:
+				out.append(f"{name}{_labels(**base, how=report['armed'])} 1")
+			elif field is not None and _number(budget.get(field)):
+				out.append(f"{name}{_labels(**base)} {budget[field]}")
 	return "\n".join(out) + "\n"

@@ -17,7 +17,6 @@ import threading
 import time
 
 from . import observe
-from .bootstrap import armed
 from .pool import PoolRegistry
 
 log = logging.getLogger("frappe_pgpool")
@@ -79,8 +78,7 @@ class Publisher:
 		self.publish()
 
 	def publish(self) -> int:
-		# armed: how this process got the patch, "start", "hook" (late) or "no" (see bootstrap.armed)
-		items = [{**report, "armed": armed()} for report in observe.reports(self.registry)]
+		items = observe.reports(self.registry)  # with "armed" and the process budget (observe.process_fields)
 		try:
 			with self._lock:
 				if self._client is None:

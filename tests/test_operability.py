@@ -8,7 +8,7 @@ import re
 import psycopg2
 import pytest
 
-from frappe_pgpool import doctor, observe, publish
+from frappe_pgpool import bootstrap, doctor, observe, publish
 from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 
@@ -46,6 +46,56 @@ def test_reports_table_and_prometheus_from_a_real_pool(bouncer, registry):
 	registry.putconn(held)
 
 
+def test_status_shows_hits_evictions_budget_and_armed_and_tolerates_old_reports(
+	bouncer, registry, monkeypatch
+):
+	key = key_for(bouncer=bouncer, site="observed.local")
+	registry.putconn(registry.getconn(key, PoolConfig(size=3), frappe_like_factory(bouncer)))
+	# what the budget and the armed state add, where this version of the registry and bootstrap lack them
+	budget = {"process_budget": "auto", "limit": 2, "open": 1, "peak": 2, "evictions": 2}
+	if not callable(getattr(registry, "snapshot", None)):
+		monkeypatch.setattr(registry, "snapshot", lambda: budget, raising=False)
+	monkeypatch.setattr(bootstrap, "armed", lambda: "hook", raising=False)
+	(report,) = observe.reports(registry, "observed.local")
+	assert report["armed"] == "hook" and {"process_budget", "limit", "open", "peak"} <= set(report["budget"])
+	new = {**report, "budget": budget}
+	new["pools"] = [{**report["pools"][0], "hits": 3, "misses": 1, "evictions": {"budget": 2, "idle": 1}}]
+	old = {
+		**{k: v for k, v in report.items() if k not in ("budget", "armed")},
+		"pid": report["pid"] + 1,
+		"pools": [{k: v for k, v in report["pools"][0].items() if k not in ("hits", "misses", "evictions")}],
+	}
+
+	table = observe.render_table([new, old])
+	print("\n" + table)
+	header, row_new, row_old, total = table.splitlines()
+	assert "hit%" in header and "evicted (by reason)" in header and "open/limit/peak" in header
+	assert (
+		"75%" in row_new and "budget=2, idle=1" in row_new and "1/2/2 (auto)" in row_new and "hook" in row_new
+	)
+	assert "3 hits, 1 misses (75% hit rate); 3 evicted" in total
+	assert row_old.count(" - ") >= 3  # no hits, evictions, budget, armed: dashes, no KeyError
+
+	text = observe.render_prometheus([new, old])
+	samples = [line for line in text.splitlines() if not line.startswith("#")]
+	assert all(PROM_LINE.match(line) for line in samples), samples
+	labels = f'site="observed.local",host="{report["host"]}",pid="{report["pid"]}",role="{report["role"]}"'
+	assert f"frappe_pgpool_hits_total{{{labels}}} 3" in text
+	assert f'frappe_pgpool_evictions_total{{{labels},reason="budget"}} 2' in text
+	process = f'host="{report["host"]}",pid="{report["pid"]}",role="{report["role"]}"'
+	assert f"frappe_pgpool_process_budget{{{process}}} 2" in text
+	assert f"frappe_pgpool_process_connections_peak{{{process}}} 2" in text
+	assert f'frappe_pgpool_process_armed{{{process},how="hook"}} 1' in text
+	assert (
+		f'pid="{old["pid"]}"' in text
+		and "frappe_pgpool_hits_total{" + f'site="observed.local",host="{report["host"]}",pid="{old["pid"]}"'
+		not in text
+	)
+
+	rated = observe.with_rates([new, old])
+	assert rated[0]["pools"][0]["hit_rate"] == 0.75 and "hit_rate" not in rated[1]["pools"][0]
+
+
 @pytest.mark.parametrize(
 	("argv", "role"),
 	[
@@ -59,29 +109,85 @@ def test_process_role(argv, role):
 	assert observe.process_role(argv) == role
 
 
-def deployment(config: PoolConfig, web: int = 4, threads: int = 1, jobs: int = 3) -> doctor.Deployment:
-	return doctor.Deployment(
-		"site1.local", "app1", "app1", config, web_processes=web, web_threads=threads, job_processes=jobs
+# --- doctor: the whole bench against real pgBouncers and a real PostgreSQL ---
+
+
+def pool_config(**settings) -> PoolConfig:
+	return PoolConfig(enabled=True, **settings)
+
+
+def through(bouncer: PgBouncer):
+	"""A site's own connection, through pgBouncer (as its workers connect)."""
+	return lambda: bouncer.connect("app1", USERS["app1"], connect_timeout=5)
+
+
+def straight(cluster):
+	return lambda: psycopg2.connect(
+		host=cluster.host, port=cluster.port, user="app1", password=USERS["app1"], dbname="app1"
 	)
 
 
-def findings(bouncer: PgBouncer, deployments: list[doctor.Deployment]) -> dict[str, doctor.Finding]:
-	def connect():
-		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
+def bench_of(sites: list[doctor.Site], web: int = 4, threads: int = 1, jobs: int = 3) -> doctor.Bench:
+	return doctor.Bench(tuple(sites), web=web, threads=threads, jobs=jobs)
 
-	connect().close()
-	bouncer.connect("app1", USERS["app1"]).close()  # SHOW DATABASES lists a database once used
-	found = doctor.examine(connect, deployments)
+
+def behind(
+	bouncer: PgBouncer, config: PoolConfig, count: int = 1, shared: bool = True, budget: object = None
+) -> list[doctor.Site]:
+	"""`count` sites behind `bouncer`: sharing database and user app1, or each with its own.
+
+	budget: db_pool_process_budget ("auto", a number, or None for a frappe_pgpool without one)."""
+	at = doctor.address(bouncer.host, bouncer.port)
+	return [
+		doctor.Site(
+			"site1.local" if count == 1 else f"site{i:02d}.local",
+			"app1" if shared else f"site{i:02d}",
+			"app1" if shared else f"site{i:02d}",
+			config,
+			at,
+			through(bouncer),
+			budget,
+		)
+		for i in range(1, count + 1)
+	]
+
+
+def examine(bouncer: PgBouncer | None, bench: doctor.Bench, **kw) -> list[doctor.Finding]:
+	bouncers = {}
+	if bouncer is not None:
+
+		def connect():
+			return psycopg2.connect(admin_dsn(bouncer, bouncer.admin_password))
+
+		bouncer.connect("app1", USERS["app1"]).close()  # SHOW DATABASES lists a database once used
+		bouncers[doctor.address(bouncer.host, bouncer.port)] = connect
+	found = doctor.examine(bench, bouncers, **kw)
 	print("\n" + doctor.render(found))
-	return {f.check: f for f in found}
+	for secret in [*USERS.values(), PgBouncer.admin_password]:
+		assert secret not in doctor.render(found)
+	return found
 
 
-def test_doctor_passes_a_deployment_sized_right(cluster):
+def by_check(found: list[doctor.Finding]) -> dict[str, doctor.Finding]:
+	"""The worst finding of each check."""
+	rank = {"ok": 0, "warn": 1, "error": 2}
+	worst: dict[str, doctor.Finding] = {}
+	for f in found:
+		if f.check not in worst or rank[f.level] > rank[worst[f.check].level]:
+			worst[f.check] = f
+	return worst
+
+
+def test_doctor_passes_a_bench_sized_right(cluster):
 	settings = dict(default_pool_size=20, max_client_conn=100, client_idle_timeout=0, server_lifetime=3600)
 	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
-		found = findings(bouncer, [deployment(PoolConfig(enabled=True, size=4), web=4, threads=4, jobs=3)])
+		bench = bench_of(behind(bouncer, pool_config(size=4)), web=4, threads=4, jobs=3)
+		found = by_check(examine(bouncer, bench))
 	assert {f.level for f in found.values()} == {"ok"}, found
-	assert "4 web x 4 + 3 job processes = 19 clients" in found["pool size"].message
+	assert "19 clients at most for 20 server connections" in found["pool size"].message
+	assert "4 web x 4 + 3 job x 1 = 19" in found["max_client_conn"].message
+	assert "up to 19 backends" in found["max_connections"].message
+	assert "max_connections=300 - superuser_reserved_connections=3 = 297" in found["max_connections"].message
 
 
 def test_doctor_finds_each_misconfiguration(cluster):
@@ -93,31 +199,36 @@ def test_doctor_finds_each_misconfiguration(cluster):
 		server_lifetime=300,
 		server_login_retry=15,
 	)
-	config = PoolConfig(enabled=True, size=8, max_idle=60, max_lifetime=600)
+	config = pool_config(size=8, max_idle=60, max_lifetime=600)
 	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
-		found = findings(bouncer, [deployment(config, web=4, threads=4, jobs=3)])
+		found = by_check(examine(bouncer, bench_of(behind(bouncer, config), web=4, threads=4, jobs=3)))
 	assert found["pool_mode"].level == "warn" and "transaction" in found["pool_mode"].message
+	assert "idle clients pin none" in found["pool_mode"].message
 	assert found["max_client_conn"].level == "error" and "19" in found["max_client_conn"].fix
 	assert (
 		found["client_idle_timeout"].level == "warn"
 		and "db_pool_max_idle to 24" in found["client_idle_timeout"].fix
 	)
 	assert found["server_login_retry"].level == "warn"
-	assert "pool size" not in found  # transaction mode releases servers between transactions
+	# transaction mode: only transactions in flight (4 x 4 threads + 3) need a server; they may queue
+	assert found["pool size"].level == "warn" and "19 transactions" in found["pool size"].message
 
 
 def test_doctor_finds_a_pool_too_small_for_session_mode(cluster):
-	config = PoolConfig(enabled=True, size=8, max_lifetime=7200)
+	config = pool_config(size=8, max_lifetime=7200)
 	with PgBouncer(cluster, users=USERS, default_pool_size=6, server_lifetime=3600) as bouncer:
-		found = findings(bouncer, [deployment(config, web=3, threads=2, jobs=2)])
+		found = by_check(examine(bouncer, bench_of(behind(bouncer, config), web=3, threads=2, jobs=2)))
 	assert found["pool size"].level == "error"
+	assert "3 web x 2 + 2 job x 1 = 8 clients" in found["pool size"].message
 	assert "at least 8" in found["pool size"].fix and "query_wait_timeout" in found["pool size"].message
 	assert found["server_lifetime"].level == "warn" and "3600" in found["server_lifetime"].fix
 
 
 def test_doctor_warns_when_pooled_clients_never_leave(cluster):
 	with PgBouncer(cluster, users=USERS) as bouncer:
-		found = findings(bouncer, [deployment(PoolConfig(enabled=True, max_lifetime=0), web=1, jobs=1)])
+		found = by_check(
+			examine(bouncer, bench_of(behind(bouncer, pool_config(max_lifetime=0)), web=1, jobs=1))
+		)
 	assert found["max_lifetime"].level == "warn" and "never finish" in found["max_lifetime"].message
 
 
@@ -127,13 +238,116 @@ def test_doctor_reports_an_unreachable_admin_console_without_secrets(cluster):
 		def connect():
 			return psycopg2.connect(bouncer.dsn("app1", USERS["app1"], "pgbouncer"))  # not an admin user
 
-		found = doctor.examine(connect, [deployment(PoolConfig(enabled=True))])
-	(finding,) = found
+		bench = bench_of(behind(bouncer, pool_config()))
+		found = doctor.examine(bench, {doctor.address(bouncer.host, bouncer.port): connect})
+	finding = by_check(found)["admin console"]
 	assert finding.level == "error" and "admin_users or stats_users" in finding.fix
 	assert USERS["app1"] not in doctor.render(found)
 
 
+def test_doctor_adds_up_the_sites_that_share_a_pgbouncer_pool(cluster):
+	"""20 sites on one database and user, 4 sync workers: every worker keeps a connection per site."""
+	with PgBouncer(cluster, users=USERS, default_pool_size=20) as bouncer:
+		over = by_check(examine(bouncer, bench_of(behind(bouncer, pool_config(), count=20), web=4, jobs=3)))
+		budgeted = behind(bouncer, pool_config(), count=20, budget="auto")
+		right = by_check(examine(bouncer, bench_of(budgeted, web=4, jobs=3)))
+	finding = over["pool size"]
+	assert finding.level == "error", finding
+	assert (
+		"pgBouncer pool app1/app1, for 20 sites (site01.local, site02.local, ..., site20.local)"
+		in finding.message
+	)
+	assert "4 web x 20 + 3 job x 20 = 140 clients, but the pool has 20 server connections" in finding.message
+	assert "to at least 140" in finding.fix
+	assert "db_pool_process_budget to auto" in finding.fix and "4 web x 1 + 3 job x 1 = 7" in finding.fix
+	assert right["pool size"].level == "ok" and "7 clients at most for 20" in right["pool size"].message
+	assert {f.level for f in right.values()} == {"ok"}, right
+
+
+def test_doctor_adds_up_every_pgbouncer_pool_of_a_postgresql_server(cluster):
+	"""20 sites, each its own database and user: each pool fits pgBouncer, all of them not PostgreSQL."""
+	with PgBouncer(cluster, users=USERS, default_pool_size=20) as bouncer:
+		sites = behind(bouncer, pool_config(size=8), count=20, shared=False)
+		over = by_check(examine(bouncer, bench_of(sites, web=4, threads=4, jobs=3)))
+		budgeted = behind(bouncer, pool_config(size=8), count=20, shared=False, budget="auto")
+		right = by_check(examine(bouncer, bench_of(budgeted, web=4, threads=4, jobs=3)))
+	assert over["pool size"].level == "ok" and "20 pgBouncer pools fit" in over["pool size"].message
+	finding = over["max_connections"]
+	assert finding.level == "error", finding
+	assert "this bench can open up to 380 backends" in finding.message
+	assert "pgBouncer localhost:" in finding.message and "20 pools may open 380" in finding.message
+	assert "max_connections=300 - superuser_reserved_connections=3 = 297" in finding.message
+	assert (
+		"max_connections to at least 383" in finding.fix and "db_pool_process_budget to auto" in finding.fix
+	)
+	assert "up to 19" in finding.fix
+	assert right["max_connections"].level == "ok" and "up to 19 backends" in right["max_connections"].message
+
+
+def test_doctor_checks_a_bench_without_pgbouncer_against_max_connections(cluster):
+	"""Workers straight to PostgreSQL: every connection a process keeps is a backend."""
+	at = doctor.address(cluster.host, cluster.port)
+
+	def sites(config, count, budget=None):
+		return [
+			doctor.Site(f"site{i:02d}.local", "app1", "app1", config, at, straight(cluster), budget)
+			for i in range(1, count + 1)
+		]
+
+	over_all = examine(None, bench_of(sites(pool_config(), 20), web=4, threads=4, jobs=3))
+	over = by_check(over_all)
+	small = by_check(examine(None, bench_of(sites(pool_config(), 2), web=4, threads=4, jobs=3)))
+	budgeted = by_check(examine(None, bench_of(sites(pool_config(), 20, "auto"), web=4, threads=4, jobs=3)))
+	finding = over["max_connections"]
+	assert finding.level == "error", finding
+	assert "each connection a backend: 4 web x 80 + 3 job x 20 = 380" in finding.message
+	assert "accepts 297 (max_connections=300 - superuser_reserved_connections=3 = 297)" in finding.message
+	assert "put pgBouncer in front" in finding.fix and "up to 19" in finding.fix
+	assert "no pgBouncer examined in front of 20 sites" in doctor.render(
+		[f for f in over_all if f.check == "checked"]
+	)
+	assert "pgbouncer" not in over  # its port is PostgreSQL's: nothing in between
+	assert small["max_connections"].level == "ok" and "up to 38 backends" in small["max_connections"].message
+	assert (
+		budgeted["max_connections"].level == "ok"
+		and "up to 19 backends" in budgeted["max_connections"].message
+	)
+
+
+def test_doctor_notices_a_pgbouncer_it_was_not_given(cluster, bouncer):
+	found = by_check(examine(None, bench_of(behind(bouncer, pool_config()))))
+	assert (
+		found["pgbouncer"].level == "warn"
+		and f"PostgreSQL listens on port {cluster.port}" in found["pgbouncer"].message
+	)
+	assert "pgbouncer_admin_dsn" in found["pgbouncer"].fix
+
+
+def test_server_limit_counts_the_reserved_connections():
+	server = doctor.Server("x", "db:5432", "16.4", 100, 3, 5, 0, 0.0, 5432)
+	assert server.limit == 92
+	assert server.limit_text.endswith("- reserved_connections=5 = 92")
+
+
+def test_doctor_reports_processes_not_armed_at_interpreter_start():
+	def report(pid, **extra):
+		return {"site": "s", "host": "vm", "pid": pid, "role": "web", "pools": [], **extra}
+
+	reports = [report(1, armed="start"), report(2, armed="hook"), report(3, armed="no"), report(4)]
+	(finding,) = doctor.check_processes([*reports, report(2, armed="hook", site="t")])
+	assert finding.level == "error" and "2 of 4 live processes" in finding.message
+	assert "web 2@vm (hook)" in finding.message and "web 3@vm (no)" in finding.message
+	assert "pip install / bench get-app, then restart" in finding.fix
+	(finding,) = doctor.check_processes([report(1, armed="start"), report(4)])
+	assert finding.level == "ok" and "1 do not say" in finding.message
+	assert doctor.check_processes([]) == []
+
+
 # --- secrets: DSNs and libpq errors are shown redacted, and the admin DSN need not be in argv ---
+
+
+def examine_with(connect, bouncer: PgBouncer, bench: doctor.Bench) -> list[doctor.Finding]:
+	return doctor.examine(bench, {doctor.address(bouncer.host, bouncer.port): connect})
 
 
 def admin_dsn(bouncer: PgBouncer, password: str | None = None) -> str:
@@ -157,10 +371,12 @@ def admin_dsn(bouncer: PgBouncer, password: str | None = None) -> str:
 )
 def test_doctor_never_echoes_a_bad_dsn(bouncer, template, fragment):
 	dsn = template.format(host=bouncer.host, port=bouncer.port)
-	found = doctor.examine(lambda: psycopg2.connect(dsn), [deployment(PoolConfig(enabled=True))])
+	found = examine_with(lambda: psycopg2.connect(dsn), bouncer, bench_of(behind(bouncer, pool_config())))
 	text = doctor.render(found)
 	print("\n" + text)
-	assert found[0].level == "error" and "admin console" in found[0].check
+	assert by_check(found)["admin console"].level == "error"
+	shown = doctor.ResolvedDsn(dsn, "test").shown
+	assert fragment not in shown, shown
 	assert fragment not in text and "invalid" in text
 
 
@@ -186,7 +402,7 @@ def test_redacted_hides_passwords_of_uri_and_keyword_dsns(text, secret, kept):
 
 
 def test_admin_dsn_from_environment_config_passfile_or_prompt(bouncer, tmp_path, monkeypatch):
-	deployments = [deployment(PoolConfig(enabled=True))]
+	bench = bench_of(behind(bouncer, pool_config()))
 	with_password = admin_dsn(bouncer, bouncer.admin_password)
 	sources = [
 		({"PGPOOL_ADMIN_DSN": with_password}, {}, None, "PGPOOL_ADMIN_DSN"),
@@ -201,7 +417,7 @@ def test_admin_dsn_from_environment_config_passfile_or_prompt(bouncer, tmp_path,
 	for environ, conf, ask, source in sources:
 		resolved = doctor.resolve_admin_dsn(None, conf, environ, ask=ask)
 		assert resolved.source == source and not resolved.findings, resolved
-		found = doctor.examine(resolved.connect, deployments)
+		found = examine_with(resolved.connect, bouncer, bench)
 		assert not [f for f in found if f.check == "admin console"], doctor.render(found)
 		assert bouncer.admin_password not in resolved.shown + repr(resolved.findings)
 
@@ -213,7 +429,7 @@ def test_admin_dsn_from_environment_config_passfile_or_prompt(bouncer, tmp_path,
 	passfile.chmod(0o600)
 	monkeypatch.setenv("PGPASSFILE", str(passfile))
 	resolved = doctor.resolve_admin_dsn(None, {"pgbouncer_admin_dsn": admin_dsn(bouncer)}, {})
-	found = doctor.examine(resolved.connect, deployments)
+	found = examine_with(resolved.connect, bouncer, bench)
 	assert not [f for f in found if f.check == "admin console"], doctor.render(found)
 
 	# in argv: works, with a warning that names the ways to keep it out

@@ -40,7 +40,7 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 	finally:
 		frappe.destroy()
 	if as_json:
-		click.echo(json.dumps(items, indent=1, sort_keys=True))
+		click.echo(json.dumps(observe.with_rates(items), indent=1, sort_keys=True))
 	elif prometheus:
 		click.echo(observe.render_prometheus(items), nl=False)
 	elif not items:
@@ -59,21 +59,25 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 	"config). Keep the password out of it (ps shows argv): use those, ~/.pgpass / PGPASSFILE, or --ask-password.",
 )
 @click.option("--ask-password", is_flag=True, help="Prompt for the admin console's password (not echoed).")
-@click.option("--web-workers", type=int, help="Gunicorn workers (default: gunicorn_workers or live count).")
+@click.option(
+	"--postgres-dsn",
+	help="libpq DSN to PostgreSQL, for sites whose own credentials cannot read their server (default: "
+	"$PGPOOL_POSTGRES_DSN, then pgpool_postgres_dsn in config); its password in ~/.pgpass / PGPASSFILE.",
+)
+@click.option("--web-workers", type=int, help="Gunicorn workers (default: live count or gunicorn_workers).")
 @click.option("--threads", type=int, help="Threads per gunicorn worker (default: gunicorn_threads or 1).")
 @click.option(
 	"--job-processes",
 	type=int,
-	help="RQ workers + scheduler (default: live count or 2 x background_workers + 1).",
+	help="RQ work-horses + scheduler (default: live count or 2 x background_workers + 1).",
 )
 @pass_context
-def doctor(context, admin_dsn, ask_password, web_workers, threads, job_processes) -> None:
-	"""Check the pgBouncer deployment of the site against the pool settings of the bench's sites."""
+def doctor(context, admin_dsn, ask_password, postgres_dsn, web_workers, threads, job_processes) -> None:
+	"""Check pgBouncer and PostgreSQL against what the pools of all the bench's sites can hold at once."""
 	import frappe
 
 	from frappe_pgpool import doctor as checks
 	from frappe_pgpool import publish
-	from frappe_pgpool.pool import ConfigError, parse_config
 
 	site = get_site(context)
 	frappe.init(site=site)
@@ -81,93 +85,108 @@ def doctor(context, admin_dsn, ask_password, web_workers, threads, job_processes
 		conf = frappe.conf
 		ask = (lambda: click.prompt("pgBouncer admin password", hide_input=True)) if ask_password else None
 		admin = checks.resolve_admin_dsn(admin_dsn, conf, os.environ, ask=ask)
-		live = _live_counts(publish, conf.redis_cache)
-		threads = threads or int(conf.get("gunicorn_threads") or 1)
-		deployments, findings = [], list(admin.findings)
-		for name, site_conf in _sites_behind_same_bouncer(frappe, site):
-			try:
-				config = parse_config({k: v for k, v in site_conf.items() if k.startswith("db_pool_")})
-			except ConfigError as e:
-				findings.append(
-					checks.Finding(
-						"error", "site config", f"{name}: {e}", "fix the value in site_config.json"
-					)
-				)
-				continue
-			if not config.enabled:
-				continue
-			web, jobs = live.get(name, (0, 0))
-			deployments.append(
-				checks.Deployment(
-					site=name,
-					dbname=site_conf.get("db_name"),
-					user=site_conf.get("db_user") or site_conf.get("db_name"),
-					config=config,
-					web_processes=web_workers
-					or web
-					or int(conf.get("gunicorn_workers") or (os.cpu_count() or 1) * 2 + 1),
-					web_threads=threads,
-					job_processes=job_processes or jobs or 2 * int(conf.get("background_workers") or 1) + 1,
-				)
-			)
+		postgres = checks.resolve_postgres_dsn(postgres_dsn, conf, os.environ)
+		try:
+			reports = publish.collect(conf.redis_cache) if conf.redis_cache else []
+		except Exception:
+			reports = []
+		sites, findings = _bench_sites(frappe, checks)
+		live_web, live_jobs = _live_counts(reports)
+		bench = checks.Bench(
+			sites,
+			web=web_workers
+			or max(live_web, int(conf.get("gunicorn_workers") or 0))
+			or (os.cpu_count() or 1) * 2 + 1,
+			threads=threads or int(conf.get("gunicorn_threads") or 1),
+			jobs=job_processes or max(live_jobs, 2 * int(conf.get("background_workers") or 1) + 1),
+		)
+		mine = checks.address(conf.get("db_host") or conf.get("db_socket"), conf.get("db_port"))
 	finally:
 		frappe.destroy()
+	pooled = [s for s in sites if s.pooled]
+	budget = checks.process_budget(sites, bench.threads)
 	click.echo(
-		"assuming: "
-		+ "; ".join(
-			f"{d.site}: {d.web_processes} web x {d.web_threads} threads, {d.job_processes} job processes, "
-			f"db_pool_size={d.config.size}"
-			for d in deployments
+		f"bench: {len(sites)} PostgreSQL sites, {len(pooled)} pooled; assuming {bench.web} web processes x "
+		f"{bench.threads} threads and {bench.jobs} job processes (live now: {live_web} web, {live_jobs} other); "
+		+ (
+			f"a web process keeps at most {budget} connections across all sites (db_pool_process_budget="
+			f"{'/'.join(sorted({str(s.process_budget) for s in pooled}))})"
+			if budget
+			else "no per-process budget"
 		)
 	)
+	bouncers = {}
 	if admin.dsn:
-		click.echo(f"pgBouncer admin console: {admin.shown} (from {admin.source})")
-		findings += checks.examine(admin.connect, deployments)
-	else:
-		findings.append(
-			checks.Finding(
-				"warn",
-				"admin console",
-				"pgBouncer not checked: no admin console configured",
-				'set pgbouncer_admin_dsn, e.g. "host=10.0.0.5 port=6432 dbname=pgbouncer user=stats" '
-				"(a user in pgBouncer's stats_users), in common_site_config.json or $PGPOOL_ADMIN_DSN; "
-				"its password there, in ~/.pgpass, or with --ask-password",
-			)
-		)
+		at = checks.dsn_address(admin.dsn)
+		if at not in {s.address for s in sites} and at.rpartition(":")[2] == mine.rpartition(":")[2]:
+			at = mine  # the same port under another name (a socket, a host name): this site's pgBouncer
+		click.echo(f"pgBouncer admin console: {admin.shown} (from {admin.source}), for the sites at {at}")
+		bouncers[at] = admin.connect
+	findings = [*admin.findings, *postgres.findings, *findings]
+	findings += checks.examine(bench, bouncers, postgres.connect if postgres.dsn else None)
+	findings += checks.check_processes(reports)
 	click.echo(checks.render(findings))
 	sys.exit(1 if any(f.level == "error" for f in findings) else 0)
 
 
-def _live_counts(publish, url: str | None) -> dict[str, tuple[int, int]]:
-	"""site -> (web processes, job processes) that reported in the last TTL seconds."""
-	counts: dict[str, list[int]] = {}
-	try:
-		items = publish.collect(url) if url else []
-	except Exception:
-		return {}
-	for report in items:
-		web_jobs = counts.setdefault(report["site"], [0, 0])
-		web_jobs[0 if report["role"] == "web" else 1] += 1
-	return {site: (web, jobs) for site, (web, jobs) in counts.items()}
+def _live_counts(reports: list[dict]) -> tuple[int, int]:
+	"""(web, other) processes of the bench that reported in the last TTL seconds, each counted once."""
+	roles = {(r.get("host"), r.get("pid")): r.get("role") for r in reports}
+	web = sum(role == "web" for role in roles.values())
+	return web, len(roles) - web
 
 
-def _sites_behind_same_bouncer(frappe, site: str) -> list[tuple[str, dict]]:
-	"""(name, config) of the bench's sites whose database server is this site's (the same pgBouncer)."""
+def _bench_sites(frappe, checks) -> tuple[list, list]:
+	"""Every PostgreSQL site of the bench, with its pool settings and a way to connect as it does."""
 	from frappe.utils import get_sites
 
-	def address(conf) -> tuple:
-		return (conf.get("db_host") or "localhost", str(conf.get("db_port") or ""))
+	from frappe_pgpool.pool import ConfigError, parse_config
+	from frappe_pgpool.pool import config as pool_config
 
-	def config(name: str) -> dict:
-		return frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
-
-	mine = address(frappe.conf)
-	found = []
+	# db_pool_process_budget: "auto" by default where this version has it; without it, no budget
+	default_budget = "auto" if hasattr(pool_config, "PROCESS_BUDGET_KEY") else None
+	sites, findings = [], []
 	for name in get_sites():
-		conf = config(name)
-		if conf.get("db_type") == "postgres" and address(conf) == mine:
-			found.append((name, conf))
-	return found or [(site, config(site))]
+		conf = frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
+		if conf.get("db_type") != "postgres":
+			continue
+		try:
+			config = parse_config({k: v for k, v in conf.items() if k.startswith("db_pool_")})
+		except ConfigError as e:
+			findings.append(
+				checks.Finding("error", "site config", f"{name}: {e}", "fix the value in site_config.json")
+			)
+			continue
+		dbname = conf.get("db_name")
+		user = conf.get("db_user") or dbname
+		host = conf.get("db_host") or conf.get("db_socket")
+		sites.append(
+			checks.Site(
+				name,
+				dbname,
+				user,
+				config,
+				checks.address(host, conf.get("db_port")),
+				_connector(host, conf.get("db_port"), dbname, user, conf.get("db_password")),
+				conf.get("db_pool_process_budget", default_budget),
+			)
+		)
+	return sites, findings
+
+
+def _connector(host, port, dbname, user, password):
+	"""Connect as the site's processes do (the password is passed to libpq, never shown)."""
+
+	def connect():
+		import psycopg2
+
+		kw = {"host": host, "port": port, "password": password}
+		kw = {k: v for k, v in kw.items() if v}
+		return psycopg2.connect(
+			dbname=dbname, user=user, connect_timeout=5, application_name="frappe_pgpool doctor", **kw
+		)
+
+	return connect
 
 
 commands = [pgpool]

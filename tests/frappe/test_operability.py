@@ -90,14 +90,19 @@ def test_application_name_names_site_and_process(served):
 	assert expected <= clients
 
 
-def test_doctor_checks_the_deployment(served):
+def test_doctor_checks_the_deployment(served, monkeypatch):
 	bouncer = served["bouncer"]
 	dsn = bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer")
-	result = bench("pgpool", "doctor", "--admin-dsn", dsn)
+	monkeypatch.setenv("PGPOOL_ADMIN_DSN", dsn)  # the password stays out of argv
+	result = bench("pgpool", "doctor")
 	print("\n" + result.stdout)
 	assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-	assert "assuming: " in result.stdout and "2 web x 1 threads" in result.stdout
-	assert "ok    pool size" in result.stdout and "0 errors" in result.stdout
+	assert "live now: 2 web" in result.stdout and "from PGPOOL_ADMIN_DSN" in result.stdout
+	assert "ok    pool size" in result.stdout and "ok    max_connections" in result.stdout
+	assert "0 errors" in result.stdout and "password in argv" not in result.stdout
 	assert bouncer.admin_password not in result.stdout
-	result = bench("pgpool", "doctor", "--admin-dsn", dsn, "--web-workers", "40", "--threads", "4")
+	result = bench("pgpool", "doctor", "--web-workers", "40", "--threads", "4")
 	assert result.returncode == 1 and "ERROR pool size" in result.stdout, result.stdout
+	monkeypatch.delenv("PGPOOL_ADMIN_DSN")
+	result = bench("pgpool", "doctor", "--admin-dsn", dsn)
+	assert "WARN  password in argv" in result.stdout and bouncer.admin_password not in result.stdout
