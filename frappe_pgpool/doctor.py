@@ -850,9 +850,8 @@ def _check_servers(
 		if via_bouncer:
 			fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
 		if direct:
-			fixes.append(
-				"put pgBouncer in front of the sites (see pool_mode), or lower db_pool_size or the workers"
-			)
+			fixes.append("put pgBouncer in front of the sites (see pool_mode)")
+		fixes.append("run fewer workers or threads")
 		findings.append(
 			Finding(
 				"error",
