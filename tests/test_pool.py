@@ -254,10 +254,13 @@ def test_two_sites_never_share_a_connection(bouncer, registry, config):
 		"site-c": ("app1", key_for("app1", "site-c", bouncer)),
 	}
 	seen: dict[int, str] = {}
+	every_conn = []  # keeps ids unique: a closed connection's id could be reused by a new one
 	for i in range(300):
 		site = ("site-a", "site-b", "site-c")[i % 3]
 		user, key = keys[site]
-		conn = registry.getconn(key, config, connects[user])
+		# a budget of 3 keeps one connection per site (under "auto", one at a time, replaced each time)
+		conn = registry.getconn(key, config, connects[user], process_budget=3)
+		every_conn.append(conn)
 		assert scalar(conn, "SELECT current_user || '/' || current_database()") == f"{user}/{user}"
 		assert seen.setdefault(id(conn), site) == site
 		registry.putconn(conn)

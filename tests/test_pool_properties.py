@@ -1,8 +1,10 @@
-"""A Hypothesis state machine over checkout / return / discard / kill / resize / fork on a real pool.
+"""A Hypothesis state machine over checkout / return / discard / kill / resize / budget / fork on a real pool.
 
 Invariants after every step: in use + idle never above the size the pool allows, no connection in
 two places, what the model holds is exactly what the pool says is in use, connections of one key
-never appear under another, and a forked child never gets one of them.
+never appear under another, a forked child never gets one of them, and the process budget holds: the
+connections open across both sites are what the pools hold, never more than the budget ("auto": the
+most checkouts held at once) unless that many are in use after the budget was lowered.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class PoolMachine(RuleBasedStateMachine):
 		super().__init__()
 		self.registry = PoolRegistry(reap_interval=0)  # the reap rule below runs it, deterministically
 		self.size = 2
+		self.budget: int | None = None  # db_pool_process_budget: None is "auto"
+		self.most_held = 0  # the model's own high-water mark of checkouts running at once
 		self.keys = {
 			site: key_for("app1" if site == "prop-a" else "app2", site, self.bouncer) for site in SITES
 		}
@@ -51,10 +55,15 @@ class PoolMachine(RuleBasedStateMachine):
 
 	@rule(site=st.sampled_from(SITES))
 	def checkout(self, site: str) -> None:
+		budget = "auto" if self.budget is None else self.budget
+		self.most_held = max(self.most_held, len(self.held) + 1)  # this checkout runs alongside them
 		try:
-			conn = self.registry.getconn(self.keys[site], self.config(), self.connects[site])
-		except PoolTimeout:
-			assert sum(1 for s, _ in self.held if s == site) >= self.size
+			conn = self.registry.getconn(self.keys[site], self.config(), self.connects[site], budget)
+		except PoolTimeout as e:
+			if "db_pool_process_budget" in str(e):
+				assert self.budget is not None and len(self.held) >= self.budget
+			else:
+				assert sum(1 for s, _ in self.held if s == site) >= self.size
 			return
 		assert self.owner.setdefault(id(conn), site) == site
 		self.every_conn.append(conn)  # keeps ids unique: a freed object's id could be reused
@@ -94,6 +103,11 @@ class PoolMachine(RuleBasedStateMachine):
 		for site in SITES:
 			self.pool(site)  # applies the new config
 
+	@rule(budget=st.sampled_from([None, 1, 2, 3]))
+	def set_budget(self, budget: int | None) -> None:
+		self.budget = budget
+		self.registry.set_process_budget("auto" if budget is None else budget)
+
 	@rule()
 	def fork(self) -> None:
 		# backends the parent still holds (a killed one's pid may be recycled by the OS)
@@ -121,6 +135,16 @@ class PoolMachine(RuleBasedStateMachine):
 			assert snap["in_use"] == held
 			assert snap["idle"] + snap["in_use"] <= max(self.size, held)
 			assert snap["waiting"] == 0 and snap["opening"] == 0
+
+	@invariant()
+	def budget_holds(self) -> None:
+		snap = self.registry.snapshot()
+		sizes = sum(self.pool(site).snapshot()["size"] for site in SITES)
+		assert snap["open"] == sizes and snap["active"] == len(self.held) == snap["in_use"]
+		assert snap["peak"] == self.most_held and snap["waiting"] == 0
+		limit = self.most_held if self.budget is None else self.budget
+		assert snap["limit"] == limit
+		assert snap["open"] <= max(limit, len(self.held))
 
 	@invariant()
 	def no_connection_in_two_places(self) -> None:

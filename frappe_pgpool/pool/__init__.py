@@ -1,12 +1,14 @@
 """The pool engine: no Frappe import, usable and testable on its own."""
 
-from .config import DEFAULT_RESET_QUERY, PoolConfig, parse_config
+from .budget import ProcessBudget
+from .config import DEFAULT_RESET_QUERY, PROCESS_BUDGET_KEY, PoolConfig, parse_config, parse_process_budget
 from .errors import ConfigError, PoolClosed, PoolError, PoolTimeout
 from .pool import ConnectionPool
 from .registry import PoolKey, PoolRegistry, registry
 
 __all__ = [
 	"DEFAULT_RESET_QUERY",
+	"PROCESS_BUDGET_KEY",
 	"ConfigError",
 	"ConnectionPool",
 	"PoolClosed",
@@ -15,6 +17,8 @@ __all__ = [
 	"PoolKey",
 	"PoolRegistry",
 	"PoolTimeout",
+	"ProcessBudget",
 	"parse_config",
+	"parse_process_budget",
 	"registry",
 ]

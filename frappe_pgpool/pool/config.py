@@ -20,6 +20,13 @@ DEFAULT_RESET_QUERY = "DISCARD ALL"
 
 KEY_PREFIX = "db_pool_"
 
+# Process-wide, not per pool (so not a PoolConfig field): the most server connections one process keeps
+# open across all its pools, every site and identity. "auto" (the default): no more than the most
+# checkouts the process has run at once, i.e. what plain Frappe would have had open at its peak.
+# Set it in common_site_config.json; the value of the site being served applies at each checkout.
+PROCESS_BUDGET_KEY = KEY_PREFIX + "process_budget"
+PROCESS_BUDGET_MAX = 1000
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -101,16 +108,29 @@ _NUMERIC: dict[str, tuple[bool, float, float]] = {
 }
 
 
+def parse_process_budget(value: object) -> int | None:
+	"""db_pool_process_budget: None for "auto" (or unset), else the whole number of connections."""
+	if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+		return None
+	expected = f'"auto" or {_range_text(True, 1, PROCESS_BUDGET_MAX)}'
+	try:
+		number = _as_number(PROCESS_BUDGET_KEY, value, integer=True, minimum=1, maximum=PROCESS_BUDGET_MAX)
+	except ConfigError:
+		raise ConfigError(PROCESS_BUDGET_KEY, value, expected) from None
+	return int(number)
+
+
 def parse_config(conf: Mapping[str, object]) -> PoolConfig:
 	"""Build a PoolConfig from `db_pool_*` keys; raise ConfigError naming the first bad key.
 
 	Unknown `db_pool_*` keys are errors too: a misspelt key silently ignored is a setting
 	the operator believes in and does not have.
 	"""
-	known = set(PoolConfig.keys())
+	known = {*PoolConfig.keys(), PROCESS_BUDGET_KEY}
 	for key in conf:
 		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key not in known:
 			raise ConfigError(key, conf[key], "one of " + ", ".join(sorted(known)))
+	parse_process_budget(conf.get(PROCESS_BUDGET_KEY))  # validated here too; the registry applies it
 	values: dict[str, object] = {}
 	for name, (integer, minimum, maximum) in _NUMERIC.items():
 		key = KEY_PREFIX + name

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import psycopg2.extensions as ext
 
+from .budget import ProcessBudget
 from .config import PoolConfig
 from .connection import Retire, SessionDefaults, close_quietly, disown, is_usable, reset, socket_poller
 from .errors import PoolClosed, PoolTimeout
@@ -55,11 +56,13 @@ class _Record:
 
 @dataclass(eq=False)
 class _Waiter:
-	"""A caller blocked in getconn; served in arrival order, by hand-off."""
+	"""A caller blocked in getconn; served in arrival order (across the pools of a budget), by hand-off."""
 
+	pool: ConnectionPool
 	event: threading.Event = field(default_factory=threading.Event)
 	record: _Record | None = None
 	may_connect: bool = False
+	evict: _Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
 	error: BaseException | None = None
 	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
 	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
@@ -69,9 +72,14 @@ class _Waiter:
 @dataclass
 class PoolStats:
 	checkouts: int = 0
+	hits: int = 0  # checkouts served by an open connection of this pool (idle, or handed over on return)
+	misses: int = 0  # checkouts served by a new connection; checkouts = hits + misses
 	returns: int = 0
 	created: int = 0
 	closed: Counter[str] = field(default_factory=Counter)
+	evictions: Counter[str] = field(default_factory=Counter)  # idle ones closed for another pool ("budget")
+	budget_waits: int = 0  # callers that waited for the process budget (db_pool_process_budget)
+	budget_timeouts: int = 0
 	connect_errors: int = 0
 	timeouts: int = 0
 	waits: int = 0
@@ -81,45 +89,92 @@ class PoolStats:
 
 
 class ConnectionPool:
-	def __init__(self, name: str, config: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
+	def __init__(
+		self,
+		name: str,
+		config: PoolConfig,
+		clock: Callable[[], float] = time.monotonic,
+		budget: ProcessBudget | None = None,
+	) -> None:
 		self.name = name  # shown in errors and stats; never contains a password
 		self.config = config
 		self.pid = os.getpid()
 		self.stats = PoolStats()
 		self._clock = clock
-		self._lock = threading.Lock()
+		# The registry's pools share one budget and its lock (see budget.py); a pool on its own has its
+		# own, without a process-wide limit.
+		self._budget = budget if budget is not None else ProcessBudget(bounded=False)
+		self._lock = self._budget.lock
 		self._idle: list[_Record] = []  # most recently returned last: LIFO keeps few connections warm
 		self._in_use: dict[int, _Record] = {}
-		self._waiters: deque[_Waiter] = deque()
 		self._opening = 0  # slots reserved by callers that are connecting right now
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
+		with self._lock:
+			self._budget.pools.append(self)
 
 	# -- checkout ---------------------------------------------------------------------------
 
 	def getconn(self, connect: Connect, timeout: float | None = None) -> ext.connection:
-		"""Return an idle connection (no round trip), open one if below size, or wait for one."""
+		"""Return an idle connection (no round trip), open one if below size and budget, or wait for one."""
 		timeout = self.config.timeout if timeout is None else timeout
-		waiter = None
-		with self._lock:
-			if self._closed:
-				raise PoolClosed(f"frappe_pgpool: pool {self.name} is closed")
-			record, stale = self._take_idle()
-			if record is None:
-				if self._total() < self.config.size:
-					self._opening += 1
-				else:
-					waiter = _Waiter()
-					self._waiters.append(waiter)
+		budget = self._budget
+		started = False
+		try:
+			stale: list[tuple[_Record, str]] = []
+			while True:
+				self._close_records(stale)  # outside the lock; a dead idle connection frees its slot
+				with self._lock:
+					if self._closed:
+						raise PoolClosed(f"frappe_pgpool: pool {self.name} is closed")
+					if not started:
+						budget.checkout_started()  # counts until putconn ends: the process's peak
+						started = True
+					record, stale = self._take_idle()
+					if record is not None:
+						self._hand_out(record)
+						self.stats.hits += 1
+						break
+					if stale:
+						continue
+					# Nothing idle here: queue, in arrival order across pools, and let the budget serve the
+					# queue; it may grant this caller a slot at once (then it does not wait).
+					waiter = _Waiter(self)
+					budget.waiters.append(waiter)
+					budget.dispatch()
+					if waiter.may_connect:
+						waiter.done = True
+					elif budget.blocks(waiter):
+						self.stats.budget_waits += 1
+						budget.waits += 1
+					break
+			if record is not None:
+				self._close_records(stale)
+				conn = record.conn
 			else:
-				self._hand_out(record)
-		self._close_records(stale)
-		if waiter is not None:
-			record = self._wait(waiter, timeout)
-		conn = record.conn if record is not None else self._open(connect)
+				if not waiter.done:
+					record = self._wait(waiter, timeout)
+				conn = record.conn if record is not None else self._open_in_slot(connect, waiter.evict)
+		except BaseException:
+			if started:
+				with self._lock:
+					budget.active -= 1
+			raise
 		if self.config.leak_warning:
 			self._note_taker(conn)
 		return conn
+
+	def _open_in_slot(self, connect: Connect, evict: _Record | None) -> ext.connection:
+		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
+		if evict is not None:
+			try:
+				close_quietly(evict.conn)  # before connecting: the process never holds more than its budget
+			except BaseException:
+				with self._lock:
+					self._opening -= 1
+					self._released()
+				raise
+		return self._open(connect)
 
 	def _note_taker(self, conn: ext.connection) -> None:
 		"""Record the stack of the caller that now holds conn, for the leak warning.
@@ -179,6 +234,7 @@ class ConnectionPool:
 
 	def _wait(self, waiter: _Waiter, timeout: float) -> _Record | None:
 		started = self._clock()
+		budget = self._budget
 		try:
 			waiter.event.wait(timeout)
 			with self._lock:
@@ -192,19 +248,38 @@ class ConnectionPool:
 					raise waiter.error
 				if waiter.record is not None or waiter.may_connect:
 					return waiter.record  # already handed out (or a slot reserved) by the waker
-				self._waiters.remove(waiter)
+				budget.waiters.remove(waiter)
 				self.stats.timeouts += 1
-				in_use, waiting = len(self._in_use), len(self._waiters)
+				if budget.blocks(waiter):
+					self.stats.budget_timeouts += 1
+					budget.timeouts += 1
+					message = self._budget_timeout_message(timeout)
+				else:
+					waiting = sum(1 for w in budget.waiters if w.pool is self)
+					message = (
+						f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s "
+						f"(db_pool_size={self.config.size}: {len(self._in_use)} in use, {waiting} other requests "
+						"waiting). Raise db_pool_size and db_pool_timeout within pgBouncer's default_pool_size, "
+						"or find what holds connections (db_pool_leak_warning)."
+					)
 		except BaseException:
 			# Raised into the waiting thread (RQ's job timeout from SIGALRM, KeyboardInterrupt) or
 			# the pool's own error: a waiter that gives up must not keep its place or what it got.
 			self._cancel(waiter)
 			raise
-		raise PoolTimeout(
-			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s "
-			f"(db_pool_size={self.config.size}: {in_use} in use, {waiting} other requests waiting). "
-			"Raise db_pool_size and db_pool_timeout within pgBouncer's default_pool_size, "
-			"or find what holds connections (db_pool_leak_warning)."
+		raise PoolTimeout(message)
+
+	def _budget_timeout_message(self, timeout: float) -> str:
+		"""Under the lock."""
+		budget = self._budget
+		setting = f"auto (peak {budget.peak})" if budget.setting is None else budget.setting
+		in_use = sum(len(p._in_use) for p in budget.pools)
+		return (
+			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s: the process's "
+			f"connection budget is used up (db_pool_process_budget={setting}: {budget.open} open, {in_use} in use "
+			f"across {len(budget.pools)} pools, {len(budget.waiters)} other requests waiting). Raise "
+			"db_pool_process_budget within pgBouncer's default_pool_size, or find what holds connections "
+			"(db_pool_leak_warning)."
 		)
 
 	def _cancel(self, waiter: _Waiter) -> None:
@@ -221,18 +296,22 @@ class ConnectionPool:
 				if reason is None:
 					return
 				self.stats.closed[reason] += 1
-				self._grant_slot()
 			elif waiter.may_connect:  # a slot was reserved for it to open a connection in
 				waiter.may_connect = False
 				self._opening -= 1
-				self._grant_slot()
-				return
-			elif waiter in self._waiters:  # not if close() failed it meanwhile
-				self._waiters.remove(waiter)
+				# an idle connection evicted for it is closed all the same; its slot is freed after that
+				record, waiter.evict = waiter.evict, None
+				if record is None:
+					self._released()
+					return
+			elif waiter in self._budget.waiters:  # not if close() failed it meanwhile
+				self._budget.waiters.remove(waiter)
 				return
 			else:
 				return
 		close_quietly(record.conn)
+		with self._lock:
+			self._released()
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
@@ -244,7 +323,7 @@ class ConnectionPool:
 			with self._lock:
 				self._opening -= 1
 				self.stats.connect_errors += 1
-				self._grant_slot()
+				self._released()
 			raise
 		now = self._clock()
 		record = _Record(conn, defaults, poller, created_at=now, expires_at=self._expiry(now))
@@ -256,9 +335,12 @@ class ConnectionPool:
 				closed = True
 			else:
 				self._hand_out(record)
+				self.stats.misses += 1
 				closed = False
 		if closed:
 			close_quietly(conn)
+			with self._lock:
+				self._released()
 			raise PoolClosed(f"frappe_pgpool: pool {self.name} closed while connecting")
 		return conn
 
@@ -314,20 +396,23 @@ class ConnectionPool:
 				close_quietly(conn)
 			with self._lock:
 				self._returning -= 1
+				self._budget.active -= 1
 				self.stats.closed["fork" if forked else "reset_failed"] += 1
-				self._grant_slot()
+				self._released()
 			raise
 		with self._lock:
 			self._returning -= 1
+			self._budget.active -= 1  # the checkout ends here, after its reset
 			if reason is None:
 				self.stats.returns += 1
 				reason = self._check_in(record)
 				if reason is None:
 					return True
 			self.stats.closed[reason] += 1
-			self._grant_slot()
 		if reason != "fork":
 			close_quietly(conn)
+		with self._lock:
+			self._released()  # counted open until closed: never more than the budget at once
 		return True
 
 	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
@@ -348,28 +433,53 @@ class ConnectionPool:
 		return None
 
 	def _check_in(self, record: _Record) -> str | None:
-		"""A clean connection is free: hand it to the first waiter, or keep it idle. Under the lock.
+		"""A clean connection is free: serve the first waiter it can, or keep it idle. Under the lock.
 
-		Returns why it must be closed instead (the pool was closed or shrunk while it was out).
+		In arrival order: a waiter of this pool gets it (a hit), a waiter of another pool that waits for
+		the process budget gets its slot (this connection is evicted for it). Returns why it must be
+		closed instead (the pool was closed or shrunk while it was out, or the budget was lowered).
 		"""
-		if self._waiters:
-			waiter = self._waiters.popleft()
-			self._hand_out(record)
-			waiter.record = record
-			waiter.event.set()
-			return None
+		budget = self._budget
+		if budget.waiters and not self._closed:
+			for waiter in budget.waiters:
+				if waiter.pool is self:
+					budget.waiters.remove(waiter)
+					self._hand_out(record)
+					self.stats.hits += 1
+					waiter.record = record
+					waiter.event.set()
+					return None
+				if budget.blocks(waiter):
+					self._count_eviction()
+					waiter.pool._grant_slot_to(waiter, record)
+					return None
+		if budget.over_limit():
+			self.stats.evictions["budget"] += 1
+			budget.evictions += 1
+			return "budget"
 		if not self._closed and self._total() < self.config.size:
 			self._idle.append(record)
 			return None
 		return "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
 
-	def _grant_slot(self) -> None:
-		"""A slot freed up: let the first waiter open a connection in it. Under the lock."""
-		if self._waiters and self._total() < self.config.size:
-			waiter = self._waiters.popleft()
-			self._opening += 1
-			waiter.may_connect = True
-			waiter.event.set()
+	def _grant_slot_to(self, waiter: _Waiter, evict: _Record | None) -> None:
+		"""Let a queued caller of this pool open a connection (its budget slot is counted). Under the lock."""
+		self._budget.waiters.remove(waiter)
+		self._opening += 1
+		waiter.may_connect = True
+		waiter.evict = evict
+		waiter.event.set()
+
+	def _count_eviction(self) -> None:
+		"""An idle connection of this pool is closed to make room for another pool's. Under the lock."""
+		self.stats.evictions["budget"] += 1
+		self.stats.closed["budget"] += 1
+		self._budget.evictions += 1
+
+	def _released(self, n: int = 1) -> None:
+		"""n connections (or reserved slots) are gone: their budget slots serve the queue. Under the lock."""
+		self._budget.open -= n
+		self._budget.dispatch()
 
 	def _total(self) -> int:
 		return len(self._idle) + len(self._in_use) + self._opening + self._returning
@@ -408,8 +518,7 @@ class ConnectionPool:
 					record.expires_at = self._expiry(record.created_at)
 			excess = max(0, self._total() - config.size)
 			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
-			while self._waiters and self._total() < config.size:
-				self._grant_slot()
+			self._budget.dispatch()  # a larger size lets this pool's waiters open connections
 		self._close_records(stale)
 
 	def close(self) -> None:
@@ -418,10 +527,13 @@ class ConnectionPool:
 			self._closed = True
 			stale = [(record, "pool_closed") for record in self._idle]
 			self._idle.clear()
-			while self._waiters:
-				waiter = self._waiters.popleft()
+			budget = self._budget
+			for waiter in [w for w in budget.waiters if w.pool is self]:
+				budget.waiters.remove(waiter)
 				waiter.error = PoolClosed(f"frappe_pgpool: pool {self.name} was closed")
 				waiter.event.set()
+			if self in budget.pools:
+				budget.pools.remove(self)
 		self._close_records(stale)
 
 	def disown_all(self) -> None:
@@ -430,11 +542,12 @@ class ConnectionPool:
 			disown(record.conn)
 		self._idle.clear()
 		self._in_use.clear()
-		self._waiters.clear()
 		self._opening = 0
 		self._returning = 0
 		self._closed = True
-		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
+		# the shared budget and its lock (maybe held by a parent thread at fork time) stay behind
+		self._budget = ProcessBudget(bounded=False)
+		self._lock = self._budget.lock
 
 	def _close_records(self, stale: list[tuple[_Record, str]]) -> None:
 		if not stale:
@@ -444,8 +557,7 @@ class ConnectionPool:
 		with self._lock:
 			for _record, reason in stale:
 				self.stats.closed[reason] += 1
-			for _ in stale:
-				self._grant_slot()
+			self._released(len(stale))
 
 	# -- observation ------------------------------------------------------------------------
 
@@ -463,8 +575,13 @@ class ConnectionPool:
 				"idle": len(self._idle),
 				"in_use": len(self._in_use),
 				"opening": self._opening,
-				"waiting": len(self._waiters),
+				"waiting": sum(1 for w in self._budget.waiters if w.pool is self),
 				"checkouts": self.stats.checkouts,
+				"hits": self.stats.hits,
+				"misses": self.stats.misses,
+				"evictions": dict(self.stats.evictions),
+				"budget_waits": self.stats.budget_waits,
+				"budget_timeouts": self.stats.budget_timeouts,
 				"returns": self.stats.returns,
 				"created": self.stats.created,
 				"closed": dict(self.stats.closed),

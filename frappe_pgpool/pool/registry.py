@@ -18,10 +18,15 @@ from dataclasses import dataclass, field
 
 import psycopg2.extensions as ext
 
-from .config import PoolConfig
+from .budget import ProcessBudget
+from .config import PoolConfig, parse_process_budget
+from .connection import close_quietly
+from .errors import ConfigError
 from .pool import Connect, ConnectionPool
 
 log = logging.getLogger("frappe_pgpool")
+
+_KEEP = object()  # getconn without process_budget: keep the current one
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,17 @@ class PoolKey:
 
 
 class PoolRegistry:
+	"""The pools of one process, and the connection budget they share (see budget.py).
+
+	Lock order: self._lock (the pool dict, the reaper) may be held while taking the budget's lock, which
+	is also every pool's lock; never the reverse. Finalizers take neither (see abandon).
+	"""
+
 	def __init__(self, reap_interval: float = 1.0) -> None:
 		self._lock = threading.Lock()
+		self._budget = ProcessBudget()  # "auto" until set_process_budget says otherwise
+		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
+		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
 		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
 		# Connections given up by a finalizer (see abandon), discarded at the next checkout, return or reaper round.
@@ -64,9 +78,14 @@ class PoolRegistry:
 		self.listeners: list[Callable[[], None]] = []
 		_registries.add(self)
 
-	def getconn(self, key: PoolKey, config: PoolConfig, connect: Connect) -> ext.connection:
+	def getconn(
+		self, key: PoolKey, config: PoolConfig, connect: Connect, process_budget: object = _KEEP
+	) -> ext.connection:
+		"""A connection for key; process_budget is db_pool_process_budget as configured (raw), if given."""
 		if self._abandoned:
 			self._drain_abandoned()
+		if process_budget is not _KEEP and process_budget != self._budget_value:
+			self.set_process_budget(process_budget)
 		pool = self.pool(key, config)
 		conn = pool.getconn(connect)
 		# No lock: a dict item set/pop is atomic, and an id cannot be reused while the pool
@@ -107,6 +126,38 @@ class PoolRegistry:
 			if pool is not None:
 				pool.putconn(conn, discard=True)
 
+	def set_process_budget(self, value: object) -> None:
+		"""Apply db_pool_process_budget ("auto", None or 1..1000). A bad value is logged once, naming the
+		key, and "auto" applies (never more connections than plain Frappe) until it is fixed."""
+		self._check_pid()
+		try:
+			setting = parse_process_budget(value)
+		except ConfigError as e:
+			if repr(value) not in self._bad_budgets:
+				self._bad_budgets.add(repr(value))
+				log.error("%s; this process uses auto until it is fixed", e)
+			setting = None
+		self._budget_value = value
+		budget = self._budget
+		with budget.lock:
+			if setting == budget.setting:
+				return
+			budget.setting = setting
+			excess = budget.trim()  # a lower budget: idle connections above it are closed now
+			budget.dispatch()  # a higher one: waiters get its new slots
+		for _pool, record in excess:
+			close_quietly(record.conn)
+		if excess:
+			with budget.lock:
+				budget.open -= len(excess)
+				budget.dispatch()
+
+	def snapshot(self) -> dict[str, object]:
+		"""The process-wide figures: budget setting and limit, connections open, checkouts, evictions."""
+		self._check_pid()
+		with self._budget.lock:
+			return self._budget.snapshot()
+
 	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
 		self._check_pid()
 		pool = self._pools.get(key)
@@ -114,7 +165,7 @@ class PoolRegistry:
 			with self._lock:
 				pool = self._pools.get(key)
 				if pool is None:
-					pool = self._pools[key] = ConnectionPool(key.label, config)
+					pool = self._pools[key] = ConnectionPool(key.label, config, budget=self._budget)
 					self._ensure_reaper()
 		if pool.config is not config and pool.config != config:
 			pool.reconfigure(config)
@@ -160,6 +211,8 @@ class PoolRegistry:
 		for pool in self._pools.values():
 			pool.disown_all()
 		self._pools = {}
+		# a fresh budget: its lock may have been held at fork time; the child's checkouts start at none
+		self._budget = ProcessBudget(setting=self._budget.setting)
 		self._owner = {}
 		self._abandoned = deque()  # the parent's connections, disowned above
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time

@@ -1,0 +1,140 @@
+"""The per-process connection budget, shared by every pool of a registry (all sites and identities).
+
+No Frappe import. One process (a sync worker, a gthread worker, an RQ worker) serves many sites; a pool
+per site that keeps its connections would hold one per site served, and behind pgBouncer in session mode
+each of them pins a server connection. The budget bounds what the process keeps open across all its
+pools:
+
+- "auto" (setting None): no more than the high-water mark of the process's concurrent checkouts, which is
+  what plain Frappe (one connection per running request or job) would have had open at its peak. A
+  checkout never waits for it: when every open connection is in use the peak grows by one, exactly as
+  plain Frappe would open another connection.
+- a number N: at most N connections; when all N are in use, callers wait in arrival order, across pools.
+
+When a connection must be opened and the budget is used up, the least recently used idle connection of
+another pool is closed to make room (an eviction, reason "budget"); one in use never is.
+
+Locking: one lock (`ProcessBudget.lock`) is shared by all the pools of a registry and is every pool's
+`_lock`, so slots, idle lists, the waiter queue and the budget's counters change together and an
+eviction across pools needs no second lock. The registry's own lock (its pool dict) may be held while
+taking it, never the reverse. Nothing slow runs under it: no connect, reset, close or logging. Garbage
+collector callbacks (finalizers) take no lock at all (see PoolRegistry.abandon).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+	from .pool import ConnectionPool, _Record, _Waiter
+
+
+class ProcessBudget:
+	def __init__(self, setting: int | None = None, bounded: bool = True) -> None:
+		self.lock = threading.Lock()
+		self.setting = setting  # None: auto; else the most connections the process keeps open
+		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
+		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
+		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
+		# gauges
+		self.open = 0  # connections open, being opened or being closed (counted until the close is done)
+		self.active = 0  # checkouts running: from the start of getconn to the end of putconn
+		self.peak = 0  # high-water mark of active
+		# counters
+		self.evictions = 0
+		self.waits = 0  # callers that had to wait for the budget
+		self.timeouts = 0  # ... and gave up after db_pool_timeout
+
+	# All methods below run under self.lock.
+
+	def limit(self) -> int | None:
+		"""How many connections the process may keep open now; None: no process-wide limit."""
+		if not self.bounded:
+			return None
+		return self.peak if self.setting is None else self.setting
+
+	def checkout_started(self) -> None:
+		self.active += 1
+		if self.active > self.peak:
+			self.peak = self.active
+
+	def has_room(self) -> bool:
+		limit = self.limit()
+		return limit is None or self.open < limit
+
+	def over_limit(self) -> bool:
+		limit = self.limit()
+		return limit is not None and self.open > limit
+
+	def blocks(self, waiter: _Waiter) -> bool:
+		"""True when the waiter waits for the budget, not for its own pool's db_pool_size."""
+		pool = waiter.pool
+		return pool._total() < pool.config.size and not self.has_room()
+
+	def lru_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, _Record] | None:
+		"""The least recently returned idle connection of any pool but `exclude`, with its pool."""
+		best = None
+		for pool in self.pools:
+			if pool is exclude or not pool._idle:
+				continue
+			record = pool._idle[0]  # each pool's idle list is in return order: oldest first
+			if best is None or record.returned_at < best[1].returned_at:
+				best = (pool, record)
+		return best
+
+	def dispatch(self) -> None:
+		"""Serve queued callers, in arrival order, with the slots free now.
+
+		A caller waiting for its own pool's db_pool_size is skipped (its pool's returns serve it);
+		one that needs a slot of the budget gets a fresh one if there is room, else the least recently
+		used idle connection of another pool is evicted for it. Idle connections of a caller's own pool
+		are never left for this: a returned connection goes to its pool's waiters first (_check_in).
+		"""
+		for waiter in list(self.waiters):
+			pool = waiter.pool
+			if pool._total() >= pool.config.size:
+				continue
+			if self.has_room():
+				self.open += 1
+				pool._grant_slot_to(waiter, None)
+				continue
+			victim = self.lru_idle(exclude=pool)
+			if victim is None:
+				return  # the budget is used up and nothing is idle: the callers behind wait too
+			victim_pool, record = victim
+			victim_pool._idle.remove(record)
+			victim_pool._count_eviction()
+			pool._grant_slot_to(waiter, record)  # the victim's slot: it closes it before connecting
+
+	def trim(self) -> list[tuple[ConnectionPool, _Record]]:
+		"""Idle connections above the limit (it was lowered), least recently used first, to close."""
+		excess = []
+		limit = self.limit()
+		while limit is not None and self.open - len(excess) > limit:
+			victim = self.lru_idle()
+			if victim is None:
+				break
+			victim_pool, record = victim
+			victim_pool._idle.remove(record)
+			victim_pool._count_eviction()
+			excess.append(victim)
+		return excess
+
+	def snapshot(self) -> dict[str, object]:
+		pools = list(self.pools)
+		return {
+			"process_budget": "auto" if self.setting is None else self.setting,
+			"limit": self.limit(),
+			"open": self.open,
+			"in_use": sum(len(p._in_use) for p in pools),
+			"idle": sum(len(p._idle) for p in pools),
+			"active": self.active,
+			"peak": self.peak,
+			"waiting": len(self.waiters),
+			"pools": len(pools),
+			"evictions": self.evictions,
+			"budget_waits": self.waits,
+			"budget_timeouts": self.timeouts,
+		}

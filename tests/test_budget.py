@@ -1,0 +1,424 @@
+"""The per-process connection budget across all pools of a registry (issue 12), on real servers.
+
+Frappe serves many sites from one process. A pool per site that keeps its connections means a sync
+worker that served N sites holds N server connections, each pinning a pgBouncer server in session mode.
+The budget bounds what one process keeps open across all its pools: "auto" (the default) keeps no more
+than the most checkouts the process ever ran at once, which is what plain Frappe would have had open at
+its peak; a number is a hard cap, with a fair wait when every connection is in use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+
+import psycopg2
+import psycopg2.extensions as ext
+import pytest
+
+from frappe_pgpool.pool import ConfigError, PoolConfig, PoolRegistry, PoolTimeout, parse_config
+from frappe_pgpool.pool.config import parse_process_budget
+
+from .conftest import USERS, backend_pid, key_for, scalar
+
+
+def named_factory(bouncer, app_name: str, user: str = "app1"):
+	"""Frappe's get_connection, with an application_name so pgBouncer and Postgres show whose it is."""
+
+	def connect() -> ext.connection:
+		conn = psycopg2.connect(bouncer.dsn(user, USERS[user], user, application_name=app_name))
+		conn.set_isolation_level(ext.ISOLATION_LEVEL_REPEATABLE_READ)
+		return conn
+
+	return connect
+
+
+def bouncer_clients(bouncer, app_name: str) -> int:
+	return sum(1 for c in bouncer.clients() if c["application_name"] == app_name)
+
+
+def server_backends(cluster, app_name: str) -> int:
+	return sum(1 for b in cluster.backends() if b["application_name"] == app_name)
+
+
+def wait_for(predicate, seconds: float = 5.0) -> None:
+	deadline = time.monotonic() + seconds
+	while not predicate():
+		assert time.monotonic() < deadline, "condition not reached"
+		time.sleep(0.001)
+
+
+@pytest.fixture
+def reg():
+	registry = PoolRegistry(reap_interval=0)
+	yield registry
+	registry.close_all()
+
+
+def sites(bouncer, n: int, prefix: str) -> list:
+	"""n sites, alternating the two database users: same credentials under two names never share."""
+	return [key_for("app1" if i % 2 == 0 else "app2", f"{prefix}-{i}.local", bouncer) for i in range(n)]
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+	("value", "expected"),
+	[(None, None), ("auto", None), (" Auto ", None), (1, 1), ("12", 12), (1000, 1000), (3.0, 3)],
+)
+def test_process_budget_values(value, expected):
+	assert parse_process_budget(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 1001, "lots", "", 2.5, True, [], {"n": 1}, float("nan")])
+def test_bad_process_budget_raises_naming_the_key(value):
+	with pytest.raises(ConfigError) as raised:
+		parse_process_budget(value)
+	assert raised.value.key == "db_pool_process_budget"
+	assert "db_pool_process_budget" in str(raised.value) and "auto" in str(raised.value)
+
+
+def test_parse_config_knows_the_process_budget_key():
+	assert parse_config({"db_pool_enabled": 1, "db_pool_process_budget": "auto"}).enabled
+	assert parse_config({"db_pool_enabled": 1, "db_pool_process_budget": 4}).enabled
+	with pytest.raises(ConfigError) as raised:
+		parse_config({"db_pool_enabled": 1, "db_pool_process_budget": 0})
+	assert raised.value.key == "db_pool_process_budget"
+
+
+def test_a_bad_budget_given_to_the_registry_is_logged_once_and_auto_applies(bouncer, reg, caplog):
+	key = key_for(bouncer=bouncer, site="bad-budget.local")
+	config = PoolConfig(size=2, timeout=1)
+	connect = named_factory(bouncer, "budget-bad")
+	with caplog.at_level(logging.ERROR, logger="frappe_pgpool"):
+		for _ in range(3):
+			reg.putconn(reg.getconn(key, config, connect, process_budget="lots"))
+	errors = [r.getMessage() for r in caplog.records if "db_pool_process_budget" in r.getMessage()]
+	assert len(errors) == 1 and "'lots'" in errors[0] and "auto" in errors[0]
+	assert reg.snapshot()["process_budget"] == "auto"
+
+
+# -- eviction ----------------------------------------------------------------------------------------
+
+
+def test_eviction_closes_the_lru_idle_connection_of_another_site_never_one_in_use(bouncer, cluster, reg):
+	app = "budget-lru"
+	config = PoolConfig(size=2, timeout=1)
+	a, b, c, d = sites(bouncer, 4, "lru")
+	connects = {k: named_factory(bouncer, app, k.user) for k in (a, b, c, d)}
+
+	def get(key):
+		return reg.getconn(key, config, connects[key], process_budget=3)
+
+	conn_a, conn_b, conn_c = get(a), get(b), get(c)
+	pid_a, pid_b, pid_c = backend_pid(conn_a), backend_pid(conn_b), backend_pid(conn_c)
+	reg.putconn(conn_a)  # idle since first: the least recently used
+	time.sleep(0.01)
+	reg.putconn(conn_c)  # idle, more recently; conn_b stays in use
+	assert bouncer_clients(bouncer, app) == 3
+	conn_d = get(d)  # the budget (3) is used up: d's connection replaces a's idle one
+	pid_d = backend_pid(conn_d)
+	assert conn_a.closed and not conn_c.closed and not conn_b.closed
+	assert scalar(conn_b, "SELECT pg_backend_pid()") == pid_b  # the one in use was not touched
+	backends = {row["pid"] for row in cluster.backends() if row["application_name"] == app}
+	assert pid_a not in backends and {pid_b, pid_c, pid_d} <= backends
+	wait_for(lambda: bouncer_clients(bouncer, app) == 3)
+	pools = reg.pools()
+	assert pools[a].snapshot()["evictions"] == {"budget": 1}
+	assert pools[a].snapshot()["closed"] == {"budget": 1}
+	assert (pools[d].snapshot()["misses"], pools[d].snapshot()["hits"]) == (1, 0)
+	assert pools[b].snapshot()["evictions"] == {} and pools[c].snapshot()["evictions"] == {}
+	# a again: the only idle connection left is c's
+	conn_a = get(a)
+	assert conn_c.closed and pools[c].snapshot()["evictions"] == {"budget": 1}
+	snap = reg.snapshot()
+	assert (snap["process_budget"], snap["limit"], snap["open"], snap["in_use"], snap["idle"]) == (
+		3,
+		3,
+		3,
+		3,
+		0,
+	)
+	assert snap["evictions"] == 2
+	for conn in (conn_a, conn_b, conn_d):
+		reg.putconn(conn)
+	wait_for(lambda: bouncer_clients(bouncer, app) == 3)
+
+
+def test_a_site_served_again_reuses_its_idle_connection_without_eviction(bouncer, reg):
+	config = PoolConfig(size=2, timeout=1)
+	a, b = sites(bouncer, 2, "reuse")
+	connects = {k: named_factory(bouncer, "budget-reuse", k.user) for k in (a, b)}
+	for _ in range(50):
+		for key in (a, b):
+			reg.putconn(reg.getconn(key, config, connects[key], process_budget=2))
+	for key in (a, b):
+		snap = reg.pools()[key].snapshot()
+		assert (snap["misses"], snap["hits"], snap["evictions"]) == (1, 49, {})
+
+
+# -- waiting at a numeric budget ---------------------------------------------------------------------
+
+
+def test_numeric_budget_waits_in_arrival_order_across_sites(bouncer, reg):
+	config = PoolConfig(size=4, timeout=10)
+	keys = sites(bouncer, 5, "fifo")
+	connects = {k: named_factory(bouncer, "budget-fifo", k.user) for k in keys}
+	held = [reg.getconn(k, config, connects[k], process_budget=2) for k in keys[:2]]
+	order: list[int] = []
+	errors: list[BaseException] = []
+	release = {n: threading.Event() for n in range(5)}
+
+	def waiter(n: int) -> None:
+		try:
+			conn = reg.getconn(keys[n], config, connects[keys[n]], process_budget=2)
+			order.append(n)
+			release[n].wait(10)
+			reg.putconn(conn)
+		except BaseException as e:
+			errors.append(e)
+
+	threads = []
+	for n in (2, 3, 4, 0):  # three other sites, then one of the sites already held
+		t = threading.Thread(target=waiter, args=(n,))
+		t.start()
+		threads.append(t)
+		queued = len(threads)
+		wait_for(lambda queued=queued: reg.snapshot()["waiting"] == queued)
+	assert reg.snapshot()["open"] == 2
+	# each connection freed goes to the caller that has waited longest, whichever site it is for
+	reg.putconn(held[0])
+	wait_for(lambda: order == [2])
+	reg.putconn(held[1])
+	wait_for(lambda: order == [2, 3])
+	release[2].set()
+	wait_for(lambda: order == [2, 3, 4])
+	release[3].set()
+	wait_for(lambda: order == [2, 3, 4, 0])
+	for n in (4, 0):
+		release[n].set()
+	for t in threads:
+		t.join(10)
+	assert not errors
+	snap = reg.snapshot()
+	assert snap["open"] == 2 and snap["in_use"] == 0 and snap["waiting"] == 0
+	assert snap["budget_waits"] == 4 and snap["budget_timeouts"] == 0 and snap["evictions"] == 4
+
+
+def test_numeric_budget_times_out_with_a_message_naming_the_key_and_the_numbers(bouncer, reg):
+	config = PoolConfig(size=4, timeout=0.3)
+	a, b = sites(bouncer, 2, "budget-timeout")
+	held = reg.getconn(a, config, named_factory(bouncer, "budget-timeout", a.user), process_budget=1)
+	started = time.monotonic()
+	with pytest.raises(PoolTimeout) as raised:
+		reg.getconn(b, config, named_factory(bouncer, "budget-timeout", b.user), process_budget=1)
+	assert 0.25 <= time.monotonic() - started < 2
+	message = str(raised.value)
+	assert "db_pool_process_budget=1" in message and "1 open" in message and "1 in use" in message
+	assert "budget-timeout-1.local" in message
+	assert reg.pools()[b].snapshot()["budget_timeouts"] == 1
+	snap = reg.snapshot()
+	assert (snap["budget_waits"], snap["budget_timeouts"], snap["waiting"], snap["open"]) == (1, 1, 0, 1)
+	reg.putconn(held)
+
+
+def test_a_budget_waiter_interrupted_leaves_no_ghost(bouncer, reg):
+	config = PoolConfig(size=4, timeout=5)
+	a, b = sites(bouncer, 2, "budget-ghost")
+	connects = {k: named_factory(bouncer, "budget-ghost", k.user) for k in (a, b)}
+	held = reg.getconn(a, config, connects[a], process_budget=1)
+
+	class JobTimeout(BaseException):
+		pass
+
+	def handler(signum, frame):
+		raise JobTimeout
+
+	previous = signal.signal(signal.SIGALRM, handler)
+	signal.setitimer(signal.ITIMER_REAL, 0.2)
+	try:
+		with pytest.raises(JobTimeout):
+			reg.getconn(b, config, connects[b], process_budget=1)
+	finally:
+		signal.setitimer(signal.ITIMER_REAL, 0)
+		signal.signal(signal.SIGALRM, previous)
+	assert reg.snapshot()["waiting"] == 0
+	reg.putconn(held)
+	assert reg.pools()[a].snapshot()["idle"] == 1  # not handed to the caller that gave up
+	conn = reg.getconn(b, config, connects[b], process_budget=1)
+	snap = reg.snapshot()
+	assert (snap["open"], snap["in_use"], snap["idle"], snap["active"]) == (1, 1, 0, 1)
+	reg.putconn(conn)
+
+
+def test_a_budget_waiter_that_gives_up_as_a_connection_is_evicted_for_it_frees_the_slot(bouncer, reg):
+	"""The return evicts its connection for the waiter of another site, which is interrupted as it wakes:
+	the evicted connection is closed all the same, and its budget slot is free for the next caller."""
+	import ctypes
+
+	config = PoolConfig(size=4, timeout=5)
+	a, b = sites(bouncer, 2, "evict-ghost")
+	connects = {k: named_factory(bouncer, "budget-evict-ghost", k.user) for k in (a, b)}
+	held = reg.getconn(a, config, connects[a], process_budget=1)
+
+	class JobTimeout(BaseException):
+		pass
+
+	outcome: list[object] = []
+
+	def waiter() -> None:
+		try:
+			outcome.append(reg.getconn(b, config, connects[b], process_budget=1))
+		except BaseException as e:
+			outcome.append(e)
+
+	t = threading.Thread(target=waiter)
+	t.start()
+	wait_for(lambda: reg.snapshot()["waiting"] == 1)
+	# delivered when the thread runs Python code again, i.e. when the return wakes it
+	ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(JobTimeout))
+	reg.putconn(held)
+	t.join(5)
+	assert len(outcome) == 1 and isinstance(outcome[0], JobTimeout)
+	assert held.closed  # evicted for the waiter, which gave up: closed, not left half-owned
+	snap = reg.snapshot()
+	assert (snap["open"], snap["active"], snap["waiting"], snap["in_use"], snap["idle"]) == (0, 0, 0, 0, 0)
+	assert reg.pools()[a].snapshot()["evictions"] == {"budget": 1}
+	conn = reg.getconn(b, config, connects[b], process_budget=1)
+	assert reg.snapshot()["open"] == 1
+	reg.putconn(conn)
+
+
+def test_lowering_the_budget_closes_idle_connections_above_it(bouncer, reg):
+	config = PoolConfig(size=2, timeout=1)
+	keys = sites(bouncer, 3, "lower")
+	connects = {k: named_factory(bouncer, "budget-lower", k.user) for k in keys}
+	conns = [reg.getconn(k, config, connects[k], process_budget=3) for k in keys]
+	reg.putconn(conns[0])
+	reg.set_process_budget(1)
+	assert reg.snapshot()["open"] == 2  # only idle ones are closed; those in use stay theirs
+	reg.putconn(conns[1])
+	reg.putconn(conns[2])
+	snap = reg.snapshot()
+	assert (snap["open"], snap["idle"], snap["process_budget"]) == (1, 1, 1)
+	wait_for(lambda: bouncer_clients(bouncer, "budget-lower") == 1)
+
+
+# -- auto --------------------------------------------------------------------------------------------
+
+
+def test_auto_sync_worker_serving_many_sites_keeps_one_connection(bouncer, cluster, reg):
+	"""The 20-site case: a sync worker (one request at a time) round-robin over 20 sites."""
+	app = "budget-sync"
+	config = PoolConfig(size=8, timeout=2)
+	keys = sites(bouncer, 20, "sync")
+	connects = {k: named_factory(bouncer, app, k.user) for k in keys}
+	most_clients = 0
+	for i in range(60):
+		key = keys[i % len(keys)]
+		conn = reg.getconn(key, config, connects[key])
+		assert scalar(conn, "SELECT current_user") == key.user
+		most_clients = max(most_clients, bouncer_clients(bouncer, app))
+		reg.putconn(conn)
+	assert most_clients == 1  # plain Frappe: one connection at a time, too
+	wait_for(lambda: bouncer_clients(bouncer, app) == 1 and server_backends(cluster, app) == 1)
+	snap = reg.snapshot()
+	assert (snap["process_budget"], snap["peak"], snap["open"], snap["active"]) == ("auto", 1, 1, 0)
+	assert snap["evictions"] == 59
+
+
+def test_auto_single_site_reuses_one_connection_with_no_eviction(bouncer, reg):
+	app = "budget-single"
+	config = PoolConfig(size=8, timeout=2)
+	key = key_for(bouncer=bouncer, site="single.local")
+	logins = bouncer.logins("app1")
+	for _ in range(500):
+		reg.putconn(reg.getconn(key, config, named_factory(bouncer, app)))
+	assert bouncer.logins("app1") - logins == 1
+	snap = reg.pools()[key].snapshot()
+	assert (snap["hits"], snap["misses"], snap["created"], snap["evictions"]) == (499, 1, 1, {})
+	assert snap["closed"] == {}
+	budget = reg.snapshot()
+	assert (budget["peak"], budget["open"], budget["evictions"]) == (1, 1, 0)
+
+
+def test_auto_never_keeps_more_than_the_peak_of_concurrent_checkouts(bouncer, cluster, reg):
+	"""8 threads (a gthread worker) x 20 sites through pgBouncer."""
+	app = "budget-threads"
+	config = PoolConfig(size=2, timeout=10)
+	keys = sites(bouncer, 20, "threads")
+	connects = {k: named_factory(bouncer, app, k.user) for k in keys}
+	errors: list[BaseException] = []
+	samples: list[tuple[int, int, int]] = []  # (registry open, registry peak, pgBouncer clients)
+
+	def worker(seed: int) -> None:
+		rnd = random.Random(seed)
+		try:
+			for _ in range(60):
+				key = rnd.choice(keys[:6] if rnd.random() < 0.7 else keys)  # some sites busier
+				conn = reg.getconn(key, config, connects[key])
+				try:
+					assert scalar(conn, "SELECT current_user") == key.user
+					if rnd.random() < 0.3:
+						time.sleep(rnd.random() * 0.005)
+				finally:
+					reg.putconn(conn)
+		except BaseException as e:
+			errors.append(e)
+
+	threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+	for t in threads:
+		t.start()
+	while any(t.is_alive() for t in threads):
+		clients = bouncer_clients(bouncer, app)
+		snap = reg.snapshot()
+		samples.append((snap["open"], snap["peak"], clients))
+		time.sleep(0.005)
+	for t in threads:
+		t.join()
+	assert not errors
+	assert samples
+	# pgBouncer never saw more clients than 8 threads could have had with plain Frappe
+	assert max(clients for _, _, clients in samples) <= 8
+	snap = reg.snapshot()
+	assert snap["peak"] <= 8 and snap["active"] == 0 and snap["in_use"] == 0
+	assert all(open_ <= peak for open_, peak, _ in samples)
+	assert max(clients for _, _, clients in samples) <= snap["peak"]
+	wait_for(lambda: bouncer_clients(bouncer, app) == snap["open"] == server_backends(cluster, app))
+	assert snap["open"] == sum(p.snapshot()["size"] for p in reg.pools().values())
+	totals = [p.snapshot() for p in reg.pools().values()]
+	assert sum(s["hits"] + s["misses"] for s in totals) == 8 * 60
+	assert sum(s["checkouts"] for s in totals) == 8 * 60
+
+
+# -- fork --------------------------------------------------------------------------------------------
+
+
+def test_a_forked_child_starts_with_its_own_empty_budget(bouncer, reg):
+	config = PoolConfig(size=2, timeout=0.3)
+	a, b = sites(bouncer, 2, "fork-budget")
+	connects = {k: named_factory(bouncer, "budget-fork", k.user) for k in (a, b)}
+	held = reg.getconn(a, config, connects[a], process_budget=1)  # the parent's budget is used up
+	pid = os.fork()
+	if pid == 0:  # pragma: no cover - child
+		code = 1
+		try:
+			snap = reg.snapshot()
+			if (snap["open"], snap["active"], snap["peak"], snap["process_budget"]) != (0, 0, 0, 1):
+				code = 2
+			else:
+				conn = reg.getconn(b, config, connects[b], process_budget=1)
+				reg.putconn(conn)
+				code = 0 if reg.snapshot()["open"] == 1 else 3
+		finally:
+			os._exit(code)
+	_, status = os.waitpid(pid, 0)
+	assert os.waitstatus_to_exitcode(status) == 0
+	assert scalar(held, "SELECT 1") == 1  # the parent's connection is untouched
+	assert reg.snapshot()["open"] == 1
+	reg.putconn(held)
