@@ -91,7 +91,9 @@ def get_connection(wrapped, instance, args, kwargs):
 		set_keepalive(conn)
 		return conn
 
-	conn = registry.getconn(pool_key(site, instance), config, connect)
+	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
+	budget = frappe.local.conf.get("db_pool_process_budget")
+	conn = registry.getconn(pool_key(site, instance), config, connect, budget)
 	publisher.configure(frappe.local.conf.get("redis_cache"))
 	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
 	# A Database dropped without close() (frappe.connect over an open one, a lost local)
