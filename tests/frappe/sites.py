@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -158,6 +159,32 @@ def backend_sessions(dbs: set[str]) -> int:
 	return int(rows[0][0])
 
 
+def tcp_connections(pids: set[int], port: int) -> dict[int, int]:
+	"""Established TCP connections each process has open to `port`, from /proc (the client's own view).
+
+	Exact at the instant it is read, unlike pg_stat_activity, where a backend whose client has just
+	closed stays listed until it has exited.
+	"""
+	established: set[str] = set()
+	for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+		with contextlib.suppress(OSError):
+			for line in Path(table).read_text().splitlines()[1:]:
+				fields = line.split()
+				if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+					established.add(fields[9])  # inode
+	counts = {}
+	for pid in pids:
+		n = 0
+		with contextlib.suppress(OSError):
+			for fd in Path(f"/proc/{pid}/fd").iterdir():
+				with contextlib.suppress(OSError):
+					link = os.readlink(fd)
+					if link.startswith("socket:[") and link[8:-1] in established:
+						n += 1
+		counts[pid] = n
+	return counts
+
+
 def worker_of(application_name: str) -> tuple[str, int] | None:
 	m = APP_NAME.match(application_name or "")
 	return (m["site"], int(m["pid"])) if m else None
@@ -174,9 +201,16 @@ class Sampler(threading.Thread):
 
 	POOL_FIELDS = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
 
-	def __init__(self, dbs: set[str], bouncer: PgBouncer | None = None, interval: float = 0.2) -> None:
+	def __init__(
+		self,
+		dbs: set[str],
+		bouncer: PgBouncer | None = None,
+		interval: float = 0.2,
+		sockets: tuple[Callable[[], set[int]], int] | None = None,
+	) -> None:
+		"""sockets=(pids, port): also count each of those processes' TCP connections to that port."""
 		super().__init__(name="many-sites-sampler", daemon=True)
-		self.dbs, self.bouncer, self.interval = set(dbs), bouncer, interval
+		self.dbs, self.bouncer, self.interval, self.sockets = set(dbs), bouncer, interval, sockets
 		self.samples: list[dict] = []
 		self.errors: list[str] = []
 		self._halt = threading.Event()
@@ -228,6 +262,9 @@ class Sampler(threading.Thread):
 			if owner:
 				by_pid[owner[1]] += 1
 		sample["backends_by_pid"] = dict(by_pid)
+		if self.sockets is not None:
+			pids, port = self.sockets
+			sample["sockets_by_pid"] = tcp_connections(pids(), port)
 		if admin is not None:
 			clients = [c for c in self._rows(admin, "SHOW CLIENTS") if c["database"] in self.dbs]
 			by_pid = collections.Counter()
@@ -256,7 +293,7 @@ class Sampler(threading.Thread):
 		return max((s.get(name, 0) for s in self.samples), default=0)
 
 	def peak_by_pid(self, name: str) -> dict[int, int]:
-		"""Most connections each pid held at once in any sample (name: clients_by_pid or backends_by_pid)."""
+		"""Most connections each pid held at once in any sample (clients_, backends_ or sockets_by_pid)."""
 		peak: dict[int, int] = {}
 		for s in self.samples:
 			for pid, n in s.get(name, {}).items():
