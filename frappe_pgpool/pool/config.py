@@ -27,6 +27,8 @@ KEY_PREFIX = "db_pool_"
 PROCESS_BUDGET_KEY = KEY_PREFIX + "process_budget"
 PROCESS_BUDGET_MAX = 1000
 
+PGBOUNCER_MODES = ("session", "transaction")
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -46,12 +48,16 @@ class PoolConfig:
 	# bounds the same wait for quiet workers. Keep below pgBouncer's client_idle_timeout. 0 disables.
 	max_idle: float = 60.0
 	# The session reset when a connection comes back, after the rollback, in one round trip (autocommit,
-	# with SET application_name appended). "" sends nothing: only for apps that never change session state.
+	# with the connect-time settings put back). "" sends nothing: only for apps that never change session state.
 	reset_query: str = DEFAULT_RESET_QUERY
 	# Seconds a checkout may be held before a warning with the stack that took it. 0 disables.
 	leak_warning: float = 0.0
 	# libpq connect_timeout (seconds) for new connections, so an unreachable pgBouncer fails fast.
 	connect_timeout: int = 5
+	# pgBouncer's pool_mode in front of this site: "session" (also right with no pgBouncer: the pool's
+	# connection is one server session, reset on return) or "transaction" (a server is lent for one
+	# transaction only, so there is no session of ours to reset: the return sends only the rollback).
+	pgbouncer_mode: str = "session"
 
 	@classmethod
 	def keys(cls) -> list[str]:
@@ -139,6 +145,13 @@ def parse_config(conf: Mapping[str, object]) -> PoolConfig:
 			values[name] = int(number) if integer else number
 	if conf.get(KEY_PREFIX + "enabled") is not None:
 		values["enabled"] = _as_bool(KEY_PREFIX + "enabled", conf[KEY_PREFIX + "enabled"])
+	mode = conf.get(KEY_PREFIX + "pgbouncer_mode")
+	if mode is not None:
+		if not isinstance(mode, str) or mode.strip().lower() not in PGBOUNCER_MODES:
+			raise ConfigError(
+				KEY_PREFIX + "pgbouncer_mode", mode, " or ".join(f'"{m}"' for m in PGBOUNCER_MODES)
+			)
+		values["pgbouncer_mode"] = mode.strip().lower()
 	reset = conf.get(KEY_PREFIX + "reset_query")
 	if reset is not None:
 		if not isinstance(reset, str):

@@ -153,13 +153,15 @@ class SessionDefaults:
 	_reset_sql: dict[str, str] = field(default_factory=dict, repr=False)  # per reset_query
 
 	@classmethod
-	def capture(cls, conn: ext.connection) -> SessionDefaults:
+	def capture(cls, conn: ext.connection, session: bool = True) -> SessionDefaults:
 		"""Record a new connection and install the cursor tracker. One round trip (pg_settings).
 
+		`session` False (pgBouncer transaction mode): no server session is ours to record, so the
+		settings are not read (they would be those of whichever server pgBouncer lent for the query).
 		On failure the connection is closed and the error raised.
 		"""
 		try:
-			settings = _session_settings(conn)
+			settings = _session_settings(conn) if session else ()
 			restore = ""
 			if settings:
 				calls = sql.SQL(", ").join(

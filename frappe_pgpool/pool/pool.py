@@ -317,7 +317,7 @@ class ConnectionPool:
 		"""Open a connection in a slot already reserved by the caller."""
 		try:
 			conn = connect()
-			defaults = SessionDefaults.capture(conn)
+			defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")
 			poller = socket_poller(conn)
 		except BaseException:
 			with self._lock:
@@ -378,7 +378,7 @@ class ConnectionPool:
 				reason = self._retire_reason(record, discard)
 			if reason is None:
 				try:
-					reset(conn, record.defaults, self.config.reset_query)
+					reset(conn, record.defaults, self._reset_query())
 				except Retire as e:  # client-side state only a round trip could undo: closed instead
 					reason = e.reason
 				except Exception as e:  # any failure leaves the session in an unknown state
@@ -414,6 +414,11 @@ class ConnectionPool:
 		with self._lock:
 			self._released()  # counted open until closed: never more than the budget at once
 		return True
+
+	def _reset_query(self) -> str:
+		# In pgBouncer transaction mode no server session is ours between transactions: a reset would
+		# run on whichever server pgBouncer lends it, and put our settings on it for other clients.
+		return self.config.reset_query if self.config.pgbouncer_mode == "session" else ""
 
 	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
 		conn = record.conn
