@@ -413,6 +413,8 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 	for key, members in pools.items():
 		if modes[key] != "session":
 			findings.append(_pool_mode(members, modes[key]))
+		else:
+			findings += _no_session_reset(members, f"pgBouncer {b.address} runs them in session mode")
 	findings += _pool_sizes(bench, b, pools, modes)
 	findings += _server_caps(bench, b, pools, modes)
 	total = demand(bench, sites)
@@ -462,8 +464,13 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 
 def _pool_mode(members: list[Site], mode: str) -> Finding:
 	fix = "use pool_mode = session for Frappe databases, with pools sized as the pool size check says"
-	if any(s.config.reset_query for s in members):
-		fix += f', or keep {mode} mode and set db_pool_reset_query to "" (the reset then runs on an arbitrary server)'
+	resetting = [s for s in members if s.pooled and s.config.pgbouncer_mode == "session"]
+	if resetting:
+		fix += (
+			f'; or keep {mode} mode and set db_pool_pgbouncer_mode to "transaction" for {_names(resetting)}: '
+			"their return now sends a session reset, a round trip that runs on whichever server pgBouncer "
+			"lends for it"
+		)
 	return Finding(
 		"warn",
 		"pool_mode",
@@ -472,6 +479,23 @@ def _pool_mode(members: list[Site], mode: str) -> Finding:
 		"temp tables, advisory locks, LISTEN) does not follow a client across transactions there",
 		fix,
 	)
+
+
+def _no_session_reset(members: list[Site], why: str) -> list[Finding]:
+	"""Sites set to pgBouncer transaction mode whose connections are real sessions: nothing resets them."""
+	wrong = [s for s in members if s.pooled and s.config.pgbouncer_mode == "transaction"]
+	if not wrong:
+		return []
+	return [
+		Finding(
+			"error",
+			"db_pool_pgbouncer_mode",
+			f"{_names(wrong)}: db_pool_pgbouncer_mode is transaction but {why}: the return sends no session "
+			"reset, so what a request leaves in its session (SET, temp tables, advisory locks, LISTEN) reaches "
+			"the next request served by that connection",
+			'remove db_pool_pgbouncer_mode (or set it to "session") for these sites',
+		)
+	]
 
 
 def _pool_sizes(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Finding]:
@@ -867,6 +891,7 @@ def _check_servers(
 		checked.append(
 			f"no pgBouncer examined in front of {_names(direct)}: checked as connecting straight to PostgreSQL"
 		)
+	findings += _no_session_reset(direct, "they connect straight to PostgreSQL (no pgBouncer examined)")
 	for s in direct:
 		server = servers[of_site[s.name]]
 		port = s.address.rpartition(":")[2]

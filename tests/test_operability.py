@@ -204,6 +204,7 @@ def test_doctor_finds_each_misconfiguration(cluster):
 		found = by_check(examine(bouncer, bench_of(behind(bouncer, config), web=4, threads=4, jobs=3)))
 	assert found["pool_mode"].level == "warn" and "transaction" in found["pool_mode"].message
 	assert "idle clients pin none" in found["pool_mode"].message
+	assert 'set db_pool_pgbouncer_mode to "transaction"' in found["pool_mode"].fix
 	assert found["max_client_conn"].level == "error" and "19" in found["max_client_conn"].fix
 	assert (
 		found["client_idle_timeout"].level == "warn"
@@ -212,6 +213,25 @@ def test_doctor_finds_each_misconfiguration(cluster):
 	assert found["server_login_retry"].level == "warn"
 	# transaction mode: only transactions in flight (4 x 4 threads + 3) need a server; they may queue
 	assert found["pool size"].level == "warn" and "19 transactions" in found["pool size"].message
+
+
+def test_doctor_matches_db_pool_pgbouncer_mode_to_the_pool_mode(cluster):
+	"""transaction set for a site whose connections are real sessions (pgBouncer in session mode, or
+	none): nothing resets them, so one request's session state reaches the next. An error."""
+	config = pool_config(pgbouncer_mode="transaction")
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction") as bouncer:
+		found = by_check(examine(bouncer, bench_of(behind(bouncer, config), web=2, jobs=1)))
+	assert "db_pool_pgbouncer_mode" not in found  # as it should be
+	assert "db_pool_pgbouncer_mode" not in found["pool_mode"].fix
+	with PgBouncer(cluster, users=USERS) as bouncer:
+		found = by_check(examine(bouncer, bench_of(behind(bouncer, config), web=2, jobs=1)))
+	assert found["db_pool_pgbouncer_mode"].level == "error"
+	assert "session mode" in found["db_pool_pgbouncer_mode"].message
+	at = doctor.address(cluster.host, cluster.port)
+	site = doctor.Site("site1.local", "app1", "app1", config, at, straight(cluster))
+	found = by_check(examine(None, bench_of([site], web=2, jobs=1)))
+	assert found["db_pool_pgbouncer_mode"].level == "error"
+	assert "straight to PostgreSQL" in found["db_pool_pgbouncer_mode"].message
 
 
 def test_doctor_finds_a_pool_too_small_for_session_mode(cluster):
