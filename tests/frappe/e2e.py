@@ -63,19 +63,26 @@ class ExistingPostgres:
 
 
 @contextlib.contextmanager
-def sites_behind_pgbouncer(sites: list[str]):
-	"""Start one pgBouncer for the sites and point their configs at it; restore on exit."""
+def sites_behind_pgbouncer(sites: list[str], pool_mode: str = "session", extra: dict | None = None):
+	"""Start one pgBouncer for the sites and point their configs at it (plus `extra` keys); restore on exit."""
 	originals = {site: site_config_path(site).read_text() for site in sites}
 	configs = {site: read_site_config(site) for site in sites}
 	first = configs[sites[0]]
 	upstream = ExistingPostgres(first.get("db_host", "127.0.0.1"), int(first.get("db_port", 5432)))
 	users = {c.get("db_user", c["db_name"]): c["db_password"] for c in configs.values()}
-	bouncer = PgBouncer(upstream, users=users)  # type: ignore[arg-type]
+	bouncer = PgBouncer(upstream, users=users, pool_mode=pool_mode)  # type: ignore[arg-type]
 	bouncer.start()
 	try:
 		for site, config in configs.items():
 			write_site_config(
-				site, {**config, "db_host": "127.0.0.1", "db_port": bouncer.port, "db_pool_enabled": 1}
+				site,
+				{
+					**config,
+					"db_host": "127.0.0.1",
+					"db_port": bouncer.port,
+					"db_pool_enabled": 1,
+					**(extra or {}),
+				},
 			)
 		yield bouncer, upstream
 	finally:

@@ -1,0 +1,89 @@
+"""Frappe behind pgBouncer in transaction mode, pool off vs on, on the real bench.
+
+With db_pool_pgbouncer_mode "transaction" the return sends only the rollback. What matters there is that
+pgBouncer gets each server back clean: plain Frappe disconnects inside a transaction, and pgBouncer then
+closes that server, so every request costs a new PostgreSQL backend as well as a login.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .bench import SITE, requires_bench
+from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer, write_site_config
+from .test_e2e import TOKEN_SCRIPT, status
+
+pytestmark = [pytest.mark.frappe, requires_bench]
+
+
+@pytest.fixture(scope="module")
+def env():
+	from .bench import run_in_bench
+
+	token = run_in_bench(TOKEN_SCRIPT, site=SITE)[0]
+	with sites_behind_pgbouncer(
+		[SITE], pool_mode="transaction", extra={"db_pool_pgbouncer_mode": "transaction"}
+	) as (bouncer, upstream):
+		yield {"bouncer": bouncer, "upstream": upstream, "token": token}
+
+
+def sessions(upstream, db: str) -> int:
+	"""PostgreSQL backends ever started for the database (pg_stat_database.sessions, PostgreSQL 14+)."""
+	return int(upstream.query("SELECT sessions FROM pg_stat_database WHERE datname = %s", (db,))[0][0])
+
+
+def run(web: Gunicorn, token: str) -> list[int]:
+	calls = [("/api/method/ping", SITE, None)] * 150 + [("/api/resource/ToDo", SITE, token)] * 150
+	return [code for code, _ in web.hammer(calls, concurrency=4)]
+
+
+def test_pool_on_logs_in_once_per_worker_and_starts_no_backend_per_request(env):
+	bouncer, upstream, token = env["bouncer"], env["upstream"], env["token"]
+	db = read_site_config(SITE)["db_name"]
+	config = read_site_config(SITE)
+	figures = {}
+	try:
+		for label, enabled in (("off", 0), ("on", 1)):
+			write_site_config(SITE, {**config, "db_pool_enabled": enabled})
+			with Gunicorn(workers=2) as web:
+				web.hammer([("/api/method/ping", SITE, None)] * 10, concurrency=2)  # warm up both workers
+				logins, backends = bouncer.logins(db), sessions(upstream, db)
+				codes = run(web, token)
+				figures[label] = {
+					"ok": codes.count(200),
+					"logins": bouncer.logins(db) - logins,
+					"new backends": sessions(upstream, db) - backends,
+				}
+				if enabled:
+					pools = status(web, SITE, token)["pools"]
+	finally:
+		write_site_config(SITE, config)
+	print(f"\ntransaction mode, 300 requests, 2 sync workers: {figures}")
+	assert figures["off"]["ok"] == figures["on"]["ok"] == 300
+	assert figures["off"]["logins"] >= 300  # plain Frappe: a login per request
+	assert figures["on"]["logins"] == 0  # both workers logged in during the warm-up
+	# plain Frappe leaves inside a transaction, so pgBouncer throws that server away
+	assert figures["off"]["new backends"] >= 250
+	assert figures["on"]["new backends"] <= 2
+	assert all(p["closed"].get("reset_failed", 0) == 0 for p in pools)
+
+
+def test_writes_commit_and_failures_roll_back(env):
+	token = env["token"]
+	marker = f"pgpool-tx-{uuid.uuid4().hex[:10]}"
+	like = f'/api/resource/ToDo?filters=[["description","like","{marker}%"]]'
+	with Gunicorn(workers=1) as web:
+		code, _ = web.request(
+			"/api/method/frappe.client.insert_many",
+			SITE,
+			token,
+			{"docs": [{"doctype": "ToDo", "description": f"{marker}-rolled-back"}, {"doctype": "ToDo"}]},
+		)
+		assert code >= 400  # fails after its first write
+		assert web.request(like, SITE, token) == (200, {"data": []})
+		code, _ = web.request("/api/resource/ToDo", SITE, token, {"description": f"{marker}-committed"})
+		assert code == 200
+		code, body = web.request(like, SITE, token)
+	assert code == 200 and len(body["data"]) == 1
