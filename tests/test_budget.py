@@ -52,6 +52,15 @@ def wait_for(predicate, seconds: float = 5.0) -> None:
 		time.sleep(0.001)
 
 
+def in_thread(fn):
+	"""fn() run in another thread (which then holds what it checked out), its result."""
+	result = []
+	thread = threading.Thread(target=lambda: result.append(fn()))
+	thread.start()
+	thread.join(10)
+	return result[0]
+
+
 @pytest.fixture
 def reg():
 	registry = PoolRegistry(reap_interval=0)
@@ -213,7 +222,10 @@ def test_numeric_budget_waits_in_arrival_order_across_sites(bouncer, reg):
 def test_numeric_budget_times_out_with_a_message_naming_the_key_and_the_numbers(bouncer, reg):
 	config = PoolConfig(size=4, timeout=0.3)
 	a, b = sites(bouncer, 2, "budget-timeout")
-	held = reg.getconn(a, config, named_factory(bouncer, "budget-timeout", a.user), process_budget=1)
+	# held by another thread: a thread holding a checkout itself never waits for the budget
+	held = in_thread(
+		lambda: reg.getconn(a, config, named_factory(bouncer, "budget-timeout", a.user), process_budget=1)
+	)
 	started = time.monotonic()
 	with pytest.raises(PoolTimeout) as raised:
 		reg.getconn(b, config, named_factory(bouncer, "budget-timeout", b.user), process_budget=1)
@@ -231,7 +243,7 @@ def test_a_budget_waiter_interrupted_leaves_no_ghost(bouncer, reg):
 	config = PoolConfig(size=4, timeout=5)
 	a, b = sites(bouncer, 2, "budget-ghost")
 	connects = {k: named_factory(bouncer, "budget-ghost", k.user) for k in (a, b)}
-	held = reg.getconn(a, config, connects[a], process_budget=1)
+	held = in_thread(lambda: reg.getconn(a, config, connects[a], process_budget=1))
 
 	class JobTimeout(BaseException):
 		pass
@@ -421,4 +433,40 @@ def test_a_forked_child_starts_with_its_own_empty_budget(bouncer, reg):
 	assert os.waitstatus_to_exitcode(status) == 0
 	assert scalar(held, "SELECT 1") == 1  # the parent's connection is untouched
 	assert reg.snapshot()["open"] == 1
+	reg.putconn(held)
+
+
+def test_a_thread_holding_a_checkout_is_never_made_to_wait_for_the_budget(bouncer, reg):
+	"""A request that holds the primary and opens a read replica (frappe.read_only) needs two connections
+	at once. With a numeric budget of 1 it would wait for a connection only it can give back: a stall of
+	db_pool_timeout, then a failure, where plain Frappe opens a second connection. Such a nested checkout
+	goes over the budget instead (counted), and the process is back within it when it returns."""
+	config = PoolConfig(enabled=True, size=2, timeout=1.0)
+	reg.set_process_budget(1)
+	primary = reg.getconn(key_for("app1", bouncer=bouncer), config, named_factory(bouncer, "nested-primary"))
+	started = time.monotonic()
+	replica = reg.getconn(
+		key_for("app2", bouncer=bouncer), config, named_factory(bouncer, "nested-replica", user="app2")
+	)
+	assert time.monotonic() - started < 0.5  # no wait for a budget only this thread can free
+	assert reg.snapshot()["budget_overdrafts"] == 1
+	reg.putconn(replica)
+	reg.putconn(primary)
+	assert reg.snapshot()["open"] <= 1  # back within the budget once both are returned
+	# another thread still waits at the budget as before
+	held = reg.getconn(key_for("app1", bouncer=bouncer), config, named_factory(bouncer, "nested-primary"))
+	errors = []
+
+	def other() -> None:
+		try:
+			reg.getconn(
+				key_for("app2", bouncer=bouncer), config, named_factory(bouncer, "other", user="app2")
+			)
+		except PoolTimeout as e:
+			errors.append(e)
+
+	thread = threading.Thread(target=other)
+	thread.start()
+	thread.join(5)
+	assert errors and "db_pool_process_budget" in str(errors[0])
 	reg.putconn(held)

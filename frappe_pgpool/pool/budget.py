@@ -42,10 +42,14 @@ class ProcessBudget:
 		self.open = 0  # connections open, being opened or being closed (counted until the close is done)
 		self.active = 0  # checkouts running: from the start of getconn to the end of putconn
 		self.peak = 0  # high-water mark of active
+		self.holders: dict[int, int] = {}  # thread ident -> its checkouts running
 		# counters
 		self.evictions = 0
 		self.waits = 0  # callers that had to wait for the budget
 		self.timeouts = 0  # ... and gave up after db_pool_timeout
+		# checkouts let over a numeric budget because their thread already held one: it would have
+		# waited for a connection only it can give back (a request holding the primary opening a replica)
+		self.overdrafts = 0
 
 	# All methods below run under self.lock.
 
@@ -55,10 +59,22 @@ class ProcessBudget:
 			return None
 		return self.peak if self.setting is None else self.setting
 
-	def checkout_started(self) -> None:
+	def checkout_started(self, thread: int) -> bool:
+		"""Count a checkout of `thread`; True if that thread already holds one (a nested checkout)."""
 		self.active += 1
 		if self.active > self.peak:
 			self.peak = self.active
+		held = self.holders.get(thread, 0)
+		self.holders[thread] = held + 1
+		return held > 0
+
+	def checkout_ended(self, thread: int) -> None:
+		self.active -= 1
+		held = self.holders.get(thread, 0) - 1
+		if held > 0:
+			self.holders[thread] = held
+		else:
+			self.holders.pop(thread, None)
 
 	def has_room(self) -> bool:
 		limit = self.limit()
@@ -137,4 +153,5 @@ class ProcessBudget:
 			"evictions": self.evictions,
 			"budget_waits": self.waits,
 			"budget_timeouts": self.timeouts,
+			"budget_overdrafts": self.overdrafts,
 		}

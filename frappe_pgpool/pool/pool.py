@@ -52,6 +52,7 @@ class _Record:
 	checked_out_at: float = 0.0
 	checkout_stack: str | None = None
 	leak_reported: bool = False
+	thread: int = 0  # ident of the thread whose checkout holds it (the budget counts per thread)
 
 
 @dataclass(eq=False)
@@ -119,7 +120,8 @@ class ConnectionPool:
 		"""Return an idle connection (no round trip), open one if below size and budget, or wait for one."""
 		timeout = self.config.timeout if timeout is None else timeout
 		budget = self._budget
-		started = False
+		thread = threading.get_ident()
+		started = nested = False
 		try:
 			stale: list[tuple[_Record, str]] = []
 			while True:
@@ -128,7 +130,7 @@ class ConnectionPool:
 					if self._closed:
 						raise PoolClosed(f"frappe_pgpool: pool {self.name} is closed")
 					if not started:
-						budget.checkout_started()  # counts until putconn ends: the process's peak
+						nested = budget.checkout_started(thread)  # counts until putconn ends: the peak
 						started = True
 					record, stale = self._take_idle()
 					if record is not None:
@@ -142,6 +144,12 @@ class ConnectionPool:
 					waiter = _Waiter(self)
 					budget.waiters.append(waiter)
 					budget.dispatch()
+					if not waiter.may_connect and nested and budget.blocks(waiter):
+						# this thread holds a checkout already: it would wait for itself. Over the
+						# budget instead, as plain Frappe would open a second connection.
+						budget.open += 1
+						budget.overdrafts += 1
+						self._grant_slot_to(waiter, None)
 					if waiter.may_connect:
 						waiter.done = True
 					elif budget.blocks(waiter):
@@ -158,8 +166,11 @@ class ConnectionPool:
 		except BaseException:
 			if started:
 				with self._lock:
-					budget.active -= 1
+					budget.checkout_ended(thread)
 			raise
+		record = self._in_use.get(id(conn))
+		if record is not None:
+			record.thread = thread
 		if self.config.leak_warning:
 			self._note_taker(conn)
 		return conn
@@ -396,13 +407,13 @@ class ConnectionPool:
 				close_quietly(conn)
 			with self._lock:
 				self._returning -= 1
-				self._budget.active -= 1
+				self._budget.checkout_ended(record.thread)
 				self.stats.closed["fork" if forked else "reset_failed"] += 1
 				self._released()
 			raise
 		with self._lock:
 			self._returning -= 1
-			self._budget.active -= 1  # the checkout ends here, after its reset
+			self._budget.checkout_ended(record.thread)  # the checkout ends here, after its reset
 			if reason is None:
 				self.stats.returns += 1
 				reason = self._check_in(record)
