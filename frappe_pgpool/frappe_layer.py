@@ -15,13 +15,14 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
+from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
 from .pool.connection import set_keepalive
 from .publish import Publisher
 
 log = logging.getLogger("frappe_pgpool")
 
 # site -> (fingerprint of its db_pool_* values, parsed config or None when pooling is off)
-_config_cache: dict[str, tuple[tuple, PoolConfig | None]] = {}
+_config_cache: dict[str, tuple[str, PoolConfig | None]] = {}
 _config_lock = threading.Lock()
 # id(conn) -> finalizer on the Database that checked it out, detached when it comes back
 _finalizers: dict[int, weakref.finalize] = {}
@@ -36,14 +37,23 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	Off unless `db_pool_enabled` is set (install-app sets it). A bad value is logged once per
 	distinct value, naming the key, and the site is served unpooled rather than failing.
 	"""
-	keys = PoolConfig.keys()
-	fingerprint = tuple(repr(conf.get(key)) for key in keys)
+	# Every db_pool_* key, so that a misspelt one is reported; the process budget is the registry's
+	# (a bad value there logs and falls back to auto instead of unpooling the site).
+	given = {
+		key: value
+		for key, value in conf.items()
+		if isinstance(key, str)
+		and key.startswith(KEY_PREFIX)
+		and key != PROCESS_BUDGET_KEY
+		and value is not None
+	}
+	fingerprint = repr(given)
 	cached = _config_cache.get(site)
 	if cached is not None and cached[0] == fingerprint:
 		return cached[1]
 	config: PoolConfig | None
 	try:
-		parsed = parse_config({key: conf.get(key) for key in keys if conf.get(key) is not None})
+		parsed = parse_config(given)
 		config = parsed if parsed.enabled else None
 	except ConfigError as e:
 		log.error("%s; site %s is served without the pool until it is fixed", e, site)

@@ -76,3 +76,14 @@ def test_bad_values_name_the_key_and_value(key, value):
 
 def test_none_means_default():
 	assert parse_config({"db_pool_size": None}).size == PoolConfig().size
+
+
+def test_the_frappe_layer_reports_a_misspelt_key(caplog):
+	"""site_pool_config reads a site's conf: an unknown db_pool_* key (a typo) is an error naming it,
+	and the site is served unpooled, as for any bad value; not silently ignored."""
+	from frappe_pgpool.frappe_layer import site_pool_config
+
+	with caplog.at_level("ERROR", logger="frappe_pgpool"):
+		assert site_pool_config("typo.local", {"db_pool_enabled": 1, "db_pool_sise": 4}) is None
+	assert "db_pool_sise" in caplog.text and "typo.local" in caplog.text
+	assert site_pool_config("typo.local", {"db_pool_enabled": 1, "db_pool_size": 4}).size == 4
