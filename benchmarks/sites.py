@@ -7,9 +7,10 @@ database and user each ("own"), and --sites more in groups of --group that share
 user ("shared"). For each placement (pgBouncer session mode, pgBouncer transaction mode, no
 pgBouncer) and each worker shape (4 sync workers, 2 gthread workers x 4 threads): pings spread
 uniformly or Zipf-skewed over the sites of a shape, and over one site alone (the single-site
-reference); pool off and on alternate, --rounds pairs each, every row on a fresh gunicorn and a fresh
-pgBouncer. The budget is left at its default ("auto"); in transaction mode the return path's session
-reset is switched off. Then a few settings rows (a numeric db_pool_process_budget).
+reference); pool off and on alternate, --rounds rounds each (the order turning every round), every
+row on a fresh gunicorn and a fresh pgBouncer. The budget is left at its default ("auto"); in
+transaction mode the sites say so (db_pool_pgbouncer_mode, or an empty reset query where that key does
+not exist yet). One cell also alternates with a numeric db_pool_process_budget (settings rows).
 
 Per row: req/s, p50/p95/p99, errors; the most pgBouncer clients and servers open at once (exact, from
 its connection log), cl_waiting and PostgreSQL backends sampled every --sample seconds; logins
@@ -167,13 +168,10 @@ def transaction_mode_settings() -> dict:
 
 
 CELLS = (("own", "uniform"), ("own", "zipf"), ("shared", "zipf"), ("single", "one site"))
-# settings rows (pool on, pgBouncer session mode, sync workers, own sites, Zipf), after the main rows:
-# name -> (common_site_config keys, pgBouncer settings)
-VARIANTS = {
-	"budget 2": ({"db_pool_process_budget": 2}, {}),
-	"budget 4": ({"db_pool_process_budget": 4}, {}),
-	"server_idle_timeout 2": ({}, {"server_idle_timeout": 2}),
-}
+# Settings rows: pool on with a numeric db_pool_process_budget, alternated with the default rows of
+# one cell (pgBouncer session mode, sync workers, own sites, Zipf) in every round.
+VARIANTS = {"budget 2": {"db_pool_process_budget": 2}, "budget 4": {"db_pool_process_budget": 4}}
+VARIANT_CELL = ("session", "sync 4", "own", "zipf")
 
 
 class Run:
@@ -227,6 +225,7 @@ class Run:
 			"p99": percentile(latencies, 0.99),
 			"errors": sum(errors.values()),
 			"error_kinds": errors,
+			"latencies_ms": [round(x * 1000, 2) for x in latencies],
 			"logins": login_count,
 			"new_backends": sessions,
 			"hit_rate": (1 - login_count / requests) if pool == "on" else None,
@@ -251,7 +250,7 @@ class Run:
 			"sample_errors": sampler.errors[:5],
 		}
 		self.rows.append(row)
-		brief = {k: v for k, v in row.items() if k not in ("samples", "engine", "timeline")}
+		brief = {k: v for k, v in row.items() if k not in ("samples", "engine", "timeline", "latencies_ms")}
 		print(json.dumps(brief), flush=True)
 		return row
 
@@ -274,7 +273,7 @@ class Run:
 	def main(self) -> int:
 		args = self.args
 		if args.quick:  # written to /tmp unless --out says otherwise
-			args.sites, args.group, args.requests, args.warmup, args.rounds = 4, 2, 200, 20, 1
+			args.sites, args.group, args.requests, args.warmup, args.rounds = 4, 2, 150, 20, 2
 			if args.out == ROOT / "benchmarks" / "results":
 				args.out = Path("/tmp/pgpool-sites-quick")
 		own = [f"own{i:02d}.sites.local" for i in range(1, args.sites + 1)]
@@ -303,44 +302,34 @@ class Run:
 							dbs = {by_name[s].db_name for s in members}
 							kind = "zipf" if traffic == "zipf" else "uniform"
 							calls = plan(members, kind, args.requests, 1, args.zipf)
+							states = [("off", "default"), ("on", "default")]
+							if (placement, workers, shape, traffic) == VARIANT_CELL and not args.quick:
+								states += [("on", name) for name in VARIANTS]
 							for round_ in range(1, args.rounds + 1):
-								for pool in ("off", "on"):
-									self.placed_row(
-										placement,
-										quick,
-										workers=workers,
-										shape=shape,
-										traffic=traffic,
-										pool=pool,
-										sites=members,
-										calls=calls,
-										dbs=dbs,
-										round=round_,
-										counters=round_ == args.rounds,
-									)
+								# the order turns every round, so that a drift in the machine's load
+								# (other work on it) hits every state alike
+								turn = (round_ - 1) % len(states)
+								for pool, variant in states[turn:] + states[:turn]:
+									settings = VARIANTS.get(variant, {})
+									set_common_config(**settings)
+									try:
+										self.placed_row(
+											placement,
+											quick,
+											workers=workers,
+											shape=shape,
+											traffic=traffic,
+											pool=pool,
+											sites=members,
+											calls=calls,
+											dbs=dbs,
+											round=round_,
+											variant=variant,
+											counters=round_ == args.rounds,
+										)
+									finally:
+										set_common_config(**{k: None for k in settings})
 				set_common_config(**tx_keys)
-				if "session" in args.placements and "sync 4" in args.workers and not args.quick:
-					dbs = {by_name[s].db_name for s in own}
-					calls = plan(own, "zipf", args.requests, 1, args.zipf)
-					for variant, (settings, bouncer_settings) in VARIANTS.items():
-						set_common_config(**settings)
-						try:
-							self.placed_row(
-								"session",
-								quick,
-								bouncer_settings,
-								workers="sync 4",
-								shape="own",
-								traffic="zipf",
-								pool="on",
-								sites=own,
-								calls=calls,
-								dbs=dbs,
-								variant=variant,
-								counters=True,
-							)
-						finally:
-							set_common_config(**{k: None for k in settings})
 		finally:
 			if not args.keep_sites:
 				remove_quick_sites(BENCH, self.all_sites)
@@ -368,7 +357,8 @@ def cell_key(r: dict) -> tuple:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-	"""Rounds of the same (cell, pool, variant) merged: mean req/s and latencies, sums and peaks."""
+	"""Rounds of the same (cell, pool, variant) merged: median req/s, percentiles over every round's
+	latencies, sums and peaks."""
 	groups: dict[tuple, list[dict]] = {}
 	for r in rows:
 		groups.setdefault((*cell_key(r), r["pool"], r["variant"]), []).append(r)
@@ -378,6 +368,13 @@ def summary(rows: list[dict]) -> list[dict]:
 
 		def mean(name: str, members=members) -> float:
 			return sum(m[name] for m in members) / len(members)
+
+		def median(name: str, members=members) -> float:
+			values = sorted(m[name] for m in members)
+			middle = len(values) // 2
+			return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+		latencies = sorted(x / 1000 for m in members for x in m.get("latencies_ms", []))
 
 		def peak(name: str, members=members):
 			values = [m[name] for m in members if m[name] is not None]
@@ -391,11 +388,11 @@ def summary(rows: list[dict]) -> list[dict]:
 					for k in ("placement", "workers", "shape", "traffic", "pool", "variant", "sites")
 				},
 				"rounds": len(members),
-				"rps": mean("rps"),
+				"rps": median("rps"),
 				"rps_rounds": [m["rps"] for m in members],
-				"p50": mean("p50"),
-				"p95": mean("p95"),
-				"p99": mean("p99"),
+				"p50": percentile(latencies, 0.50) if latencies else mean("p50"),
+				"p95": percentile(latencies, 0.95) if latencies else mean("p95"),
+				"p99": percentile(latencies, 0.99) if latencies else mean("p99"),
 				"errors": sum(m["errors"] for m in members),
 				"logins": sum(m["logins"] for m in members),
 				"requests": sum(m["requests"] for m in members),
@@ -438,13 +435,14 @@ def render(rows: list[dict], args, seconds: float) -> str:
 		"workers x 4 threads with 8 clients. Placements: pgBouncer 1.18 in session mode, in transaction mode "
 		f"(both SCRAM, default_pool_size {args.pool_size}), and `direct` (workers straight to PostgreSQL 15, "
 		"max_connections 100, trust). Every row runs on a fresh gunicorn and a fresh pgBouncer: "
-		f"{args.warmup} warm-up pings, then {args.requests} measured; pool off and on alternate, "
-		f"{args.rounds} rounds of each. In transaction mode the pooled rows set "
+		f"{args.warmup} warm-up pings, then {args.requests} measured; pool off and on alternate, {args.rounds} "
+		"rounds of each, the order turning every round. In transaction mode the pooled rows set "
 		f"`{json.dumps(transaction_mode_settings())}` in common_site_config. Run time {seconds / 60:.1f} "
-		"min on a 2-core machine shared with other work (other developers' test runs: expect +-20% between "
-		"rounds; compare within a pair). Generated by `benchmarks/sites.py`.",
+		"min on a 2-core machine shared with other work (other developers' test runs: rounds of one row can differ by "
+		"half or more, see the brackets: compare within a cell). Generated by `benchmarks/sites.py`.",
 		"",
-		"Columns: req/s and latencies are means over the rounds; `clients`/`servers` = most pgBouncer client / "
+		"Columns: req/s is the median of the rounds (each round in brackets), latencies are over every "
+		"round's pings; `clients`/`servers` = most pgBouncer client / "
 		"server connections of the row's databases open at once during the measured pings, exact, from "
 		f"pgBouncer's connection log; `cl_waiting` = peak of SHOW POOLS sampled every {args.sample:g} s; "
 		"`backends` = peak of PostgreSQL backends of those databases in pg_stat_activity, same samples "
@@ -518,7 +516,7 @@ def render(rows: list[dict], args, seconds: float) -> str:
 			verdicts.append(
 				f"- {on['placement']}, {on['workers']}, {on['shape']}, {on['traffic']}: " + "; ".join(worse)
 			)
-	lines += ["", "## Goals missed (defaults, means over the rounds)", ""]
+	lines += ["", "## Goals missed (defaults; median req/s, latencies over all rounds)", ""]
 	lines += verdicts or ["- none: every pooled row is at least as good as its pool-off row"]
 	engine = [r for r in merged if r["engine"]]
 	if engine:
@@ -548,9 +546,9 @@ def main() -> int:
 	)
 	parser.add_argument("--sites", type=int, default=20, help="sites per shape (own, shared)")
 	parser.add_argument("--group", type=int, default=5, help="shared shape: sites per database and user")
-	parser.add_argument("--requests", type=int, default=800, help="measured pings per row")
+	parser.add_argument("--requests", type=int, default=400, help="measured pings per row")
 	parser.add_argument("--warmup", type=int, default=40)
-	parser.add_argument("--rounds", type=int, default=2, help="pool off/on pairs per cell")
+	parser.add_argument("--rounds", type=int, default=4, help="rounds of pool off/on per cell")
 	parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
 	parser.add_argument("--pool-size", type=int, default=20, help="pgBouncer default_pool_size")
 	parser.add_argument("--sample", type=float, default=0.25, help="seconds between samples")
