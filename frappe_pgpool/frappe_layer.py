@@ -153,8 +153,9 @@ def sql(wrapped, instance, args, kwargs):
 	The checkout's liveness check leaves a window: the server can go away between the check and
 	the first statement. A retry is safe only when nothing of the transaction or session can have
 	been lost, so only the checkout's first statement is retried, and only when psycopg2 was idle
-	before it and not in autocommit (its BEGIN went first, and the server rolls back a transaction
-	whose connection dies). `_pgpool_statements` counts the sql() calls begun on the checkout (the
+	before it, not in autocommit, and still idle after the failure: its BEGIN, sent first, is what
+	failed, so the statement never reached the server. One that was running when its backend died
+	(a DBA's pg_terminate_backend, the OOM killer) is not run again. `_pgpool_statements` counts the sql() calls begun on the checkout (the
 	get_connection wrapper sets it to 0); a call entered with no connection is the one that connects
 	(Frappe connects lazily inside the first sql()), so its statement is the first unless a nested
 	sql() ran inside connect() (v15's SET LOCAL statement_timeout), which that nested call counts.
@@ -182,6 +183,7 @@ def sql(wrapped, instance, args, kwargs):
 			or (conn is not None and dead is not conn)
 			or state.get("_pgpool_statements") != expected
 			or not dead.closed
+			or dead.status != ext.STATUS_READY  # psycopg2's BEGIN went through: the statement ran
 			or dead.autocommit
 			or not registry.owns(dead)
 		):

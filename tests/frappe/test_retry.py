@@ -16,7 +16,7 @@ from .bench import requires_bench, run_in_bench
 pytestmark = [pytest.mark.frappe, requires_bench]
 
 SCRIPT = """
-import select
+import select, time
 import frappe, psycopg2, wrapt
 from frappe_pgpool.pool import registry
 
@@ -102,6 +102,21 @@ def chained():
     insert("f"); frappe.db.sql("COMMIT AND CHAIN"); kill(frappe.db._conn); insert("f")
 fresh(); results["COMMIT AND CHAIN then kill"] = (attempt(chained), rows("f"))
 
+# a first statement that was running when its backend was killed (a DBA's pg_terminate_backend, the OOM
+# killer): it ran, so it is not run again, even though nothing of it was committed
+import threading
+def killed_while_running():
+    frappe.db.connect()
+    conn = frappe.db._conn
+    def later():
+        time.sleep(0.5)
+        kill(conn)
+    threading.Thread(target=later).start()
+    frappe.db.sql("SELECT pg_sleep(3)")
+fresh(); started = time.monotonic()
+outcome = attempt(killed_while_running)
+results["first statement killed while running"] = (outcome, round(time.monotonic() - started, 1))
+
 # v15's enable_db_statement_timeout runs SET LOCAL through sql() inside connect()
 def timeout_in_connect():
     frappe.local.conf.enable_db_statement_timeout = 1
@@ -175,6 +190,11 @@ def test_a_statement_after_the_first_is_never_retried(results, case):
 	# only what was committed before the kill
 	expected = 1 if case in ("kill after a commit", "COMMIT AND CHAIN then kill") else 0
 	assert committed == expected
+
+
+def test_a_first_statement_killed_while_running_is_not_run_again(results):
+	outcome, seconds = results["first statement killed while running"]
+	assert outcome != "ok" and seconds < 2.5  # raised at the kill, not re-run for another 3 s
 
 
 def test_a_lost_snapshot_is_never_replaced_silently(results):
