@@ -105,7 +105,8 @@ def describe_error(error: BaseException, *secrets: str | None) -> str:
 def dsn_password(dsn: str) -> str | None:
 	"""The password a DSN carries (keyword or URI form), or None."""
 	try:
-		return psycopg2.extensions.parse_dsn(dsn).get("password") or None
+		parsed = psycopg2.extensions.parse_dsn(dsn)
+		return parsed.get("password") or parsed.get("sslpassword") or None
 	except psycopg2.Error:
 		return None  # malformed: describe_error hides what libpq quotes of it
 

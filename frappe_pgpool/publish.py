@@ -115,11 +115,12 @@ def _key(site: str, host: str, pid: int) -> str:
 # scheme://user:password@ (any scheme); for non-PostgreSQL schemes a userinfo without ":" may be
 # the password itself (redis://secret@host), so it is hidden too.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/?#\s]*)@", re.IGNORECASE)
-# a URI query parameter: ?password=... or &password=...
-_QUERY_PASSWORD = re.compile(r"(?P<lead>[?&]password=)[^&#\s]*", re.IGNORECASE)
+# a URI query parameter: ?password=... or &password=... (sslpassword too: the client key's passphrase)
+_QUERY_PASSWORD = re.compile(r"(?P<lead>[?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 # a libpq keyword/value pair: password=x, password = 'x y \' z' (an unterminated quote runs to the end)
 _KEYWORD_PASSWORD = re.compile(
-	r"(?P<lead>\bpassword\s*=\s*)(?!\*\*\*(?:[&#\s]|$))(?:'(?:[^'\\]|\\.)*'?|[^\s']\S*)", re.IGNORECASE
+	r"(?P<lead>\b(?:ssl)?password\s*=\s*)(?!\*\*\*(?:[&#\s]|$))(?:'(?:[^'\\]|\\.)*'?|[^\s']\S*)",
+	re.IGNORECASE,
 )
 
 

@@ -414,6 +414,12 @@ def test_doctor_never_echoes_a_bad_dsn(bouncer, template, fragment):
 			"dbname=pgbouncer",
 		),
 		("cannot connect (host=h password=pw-in-error): refused", "pw-in-error", "refused"),
+		("host=10.0.0.5 sslkey=/k sslpassword=pw-sslkey dbname=pgbouncer", "pw-sslkey", "dbname=pgbouncer"),
+		(
+			"postgresql://stats@10.0.0.5/pgbouncer?sslpassword=pw-sslq&sslmode=verify-full",
+			"pw-sslq",
+			"verify",
+		),
 	],
 )
 def test_redacted_hides_passwords_of_uri_and_keyword_dsns(text, secret, kept):
