@@ -135,7 +135,7 @@ def parse_config(conf: Mapping[str, object]) -> PoolConfig:
 	known = {*PoolConfig.keys(), PROCESS_BUDGET_KEY}
 	for key in conf:
 		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key not in known:
-			raise ConfigError(key, conf[key], "one of " + ", ".join(sorted(known)))
+			raise ConfigError(key, conf[key], "one of " + ", ".join(sorted(known)), show_value=False)
 	parse_process_budget(conf.get(PROCESS_BUDGET_KEY))  # validated here too; the registry applies it
 	values: dict[str, object] = {}
 	for name, (integer, minimum, maximum) in _NUMERIC.items():

@@ -24,8 +24,10 @@ class PoolClosed(PoolError):
 class ConfigError(ValueError):
 	"""A pool setting has a wrong type or range. Carries the key and the rejected value."""
 
-	def __init__(self, key: str, value: object, expected: str) -> None:
+	def __init__(self, key: str, value: object, expected: str, show_value: bool = True) -> None:
 		self.key = key
 		self.value = value
 		self.expected = expected
-		super().__init__(f"frappe_pgpool: invalid {key}={value!r} in site config: expected {expected}")
+		# an unknown key's value is not shown: a misplaced DSN or password would be echoed into the logs
+		shown = f"{key}={value!r}" if show_value else key
+		super().__init__(f"frappe_pgpool: invalid {shown} in site config: expected {expected}")
