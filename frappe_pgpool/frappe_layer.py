@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from .pool import ConfigError, PoolConfig, PoolKey, parse_config, registry
+from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, parse_config, registry
 from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
 from .pool.connection import set_keepalive
 from .publish import Publisher
@@ -103,7 +103,11 @@ def get_connection(wrapped, instance, args, kwargs):
 
 	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
 	budget = frappe.local.conf.get("db_pool_process_budget")
-	conn = registry.getconn(pool_key(site, instance), config, connect, budget)
+	try:
+		conn = registry.getconn(pool_key(site, instance), config, connect, budget)
+	except PoolClosed:  # switched off by another thread meanwhile (or the process is exiting)
+		instance._pgpool_statements = None
+		return wrapped(*args, **kwargs)
 	publisher.configure(frappe.local.conf.get("redis_cache"))
 	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
 	# A Database dropped without close() (frappe.connect over an open one, a lost local)
