@@ -470,3 +470,25 @@ def test_a_thread_holding_a_checkout_is_never_made_to_wait_for_the_budget(bounce
 	thread.join(5)
 	assert errors and "db_pool_process_budget" in str(errors[0])
 	reg.putconn(held)
+
+
+def test_an_evicted_connection_takes_its_pgbouncer_server_with_it(cluster, reg):
+	"""A client that leaves cleanly leaves pgBouncer an idle server for its database (kept for
+	server_idle_timeout): a sync worker going round many sites would leave a PostgreSQL backend behind
+	per site, where plain Frappe, which leaves inside a transaction, leaves none. An eviction leaves the
+	same way as plain Frappe: pgBouncer drops the server."""
+	from frappe_pgpool.testing.cluster import PgBouncer
+
+	config = PoolConfig(enabled=True, size=2)
+	reg.set_process_budget(1)
+	with PgBouncer(cluster, users=USERS) as bouncer:  # its own: no servers left by other tests
+		keys = [key_for("app1", bouncer=bouncer), key_for("app2", bouncer=bouncer)]
+		factories = [named_factory(bouncer, "evict-drop"), named_factory(bouncer, "evict-drop", user="app2")]
+		for i in range(6):  # app1, app2, app1, ...: each checkout evicts the other site's connection
+			conn = reg.getconn(keys[i % 2], config, factories[i % 2])
+			backend_pid(conn)
+			reg.putconn(conn)
+		time.sleep(0.3)
+		servers = [s for s in bouncer.admin("SHOW SERVERS") if s["database"] in ("app1", "app2")]
+	assert reg.pools()[keys[0]].snapshot()["evictions"].get("budget", 0) >= 2
+	assert len(servers) == 1, servers  # only the connection the process keeps; none left per site

@@ -24,7 +24,16 @@ import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
 from .config import PoolConfig
-from .connection import Retire, SessionDefaults, close_quietly, disown, is_usable, reset, socket_poller
+from .connection import (
+	Retire,
+	SessionDefaults,
+	close_dropping_server,
+	close_quietly,
+	disown,
+	is_usable,
+	reset,
+	socket_poller,
+)
 from .errors import PoolClosed, PoolTimeout
 
 log = logging.getLogger("frappe_pgpool")
@@ -179,7 +188,7 @@ class ConnectionPool:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
 		if evict is not None:
 			try:
-				close_quietly(evict.conn)  # before connecting: the process never holds more than its budget
+				close_dropping_server(evict.conn)  # before connecting: never more than the budget
 			except BaseException:
 				with self._lock:
 					self._opening -= 1
@@ -320,7 +329,7 @@ class ConnectionPool:
 				return
 			else:
 				return
-		close_quietly(record.conn)
+		close_dropping_server(record.conn)  # evicted for this caller, which gave up
 		with self._lock:
 			self._released()
 
@@ -420,7 +429,9 @@ class ConnectionPool:
 				if reason is None:
 					return True
 			self.stats.closed[reason] += 1
-		if reason != "fork":
+		if reason == "budget":
+			close_dropping_server(conn)  # over the budget: an eviction, see close_dropping_server
+		elif reason != "fork":
 			close_quietly(conn)
 		with self._lock:
 			self._released()  # counted open until closed: never more than the budget at once

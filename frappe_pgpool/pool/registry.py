@@ -20,7 +20,7 @@ import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
 from .config import PoolConfig, parse_process_budget
-from .connection import close_quietly
+from .connection import close_dropping_server
 from .errors import ConfigError
 from .pool import Connect, ConnectionPool
 
@@ -146,7 +146,7 @@ class PoolRegistry:
 			excess = budget.trim()  # a lower budget: idle connections above it are closed now
 			budget.dispatch()  # a higher one: waiters get its new slots
 		for _pool, record in excess:
-			close_quietly(record.conn)
+			close_dropping_server(record.conn)
 		if excess:
 			with budget.lock:
 				budget.open -= len(excess)
