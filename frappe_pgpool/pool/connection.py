@@ -119,15 +119,22 @@ class CursorTracker:
 			cursor.close()  # an unnamed cursor's close() only marks it closed
 
 
-# Session-level settings in force once the factory returned: psycopg2's own SET DATESTYLE (when the
-# database's DateStyle is not ISO), the startup parameters pgBouncer applies with SET (client_encoding,
-# DateStyle, TimeZone, standard_conforming_strings, application_name), whatever the factory SET. RESET
-# ALL goes back to the values a session started with (server, database, role, libpq startup packet),
-# which are not these. transaction_* are per transaction, set by BEGIN.
-_SESSION_SETTINGS_QUERY = (
-	"SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' "
-	"AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')"
+# The settings made at connect, as their values after the login: the startup parameters pgBouncer
+# applies with SET (client_encoding, DateStyle, TimeZone, standard_conforming_strings, application_name),
+# psycopg2's own SET DATESTYLE (when the database's DateStyle is not ISO), IntervalStyle. RESET ALL goes
+# back to the values a session started with (server, database, role, libpq startup packet), which through
+# pgBouncer are not these. All are reported by the server to the client (GUC_REPORT), so recording them
+# costs no round trip; a setting a factory SETs that is not reported is not put back.
+_REPORTED_SETTINGS = (
+	"application_name",
+	"client_encoding",
+	"DateStyle",
+	"IntervalStyle",
+	"TimeZone",
+	"standard_conforming_strings",
 )
+# the statement that puts a given set of values back, rendered once per distinct set (not per connection)
+_restore_sql: dict[tuple[tuple[str, str], ...], str] = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,21 +161,15 @@ class SessionDefaults:
 
 	@classmethod
 	def capture(cls, conn: ext.connection, session: bool = True) -> SessionDefaults:
-		"""Record a new connection and install the cursor tracker. One round trip (pg_settings).
+		"""Record a new connection and install the cursor tracker. No round trip.
 
-		`session` False (pgBouncer transaction mode): no server session is ours to record, so the
-		settings are not read (they would be those of whichever server pgBouncer lent for the query).
+		`session` False (pgBouncer transaction mode): no server session is ours, so no settings are
+		put back by the reset (they would land on whichever server pgBouncer lent for it).
 		On failure the connection is closed and the error raised.
 		"""
 		try:
 			settings = _session_settings(conn) if session else ()
-			restore = ""
-			if settings:
-				calls = sql.SQL(", ").join(
-					sql.SQL("pg_catalog.set_config({}, {}, false)").format(sql.Literal(n), sql.Literal(v))
-					for n, v in settings
-				)
-				restore = (sql.SQL("SELECT ") + calls).as_string(conn)
+			restore = _restore_statement(conn, settings) if settings else ""
 			tracker = CursorTracker(conn.cursor_factory)
 			conn.cursor_factory = tracker
 			return cls(
@@ -251,21 +252,23 @@ def _set_characteristics(
 
 
 def _session_settings(conn: ext.connection) -> tuple[tuple[str, str], ...]:
-	"""The session-level settings, read in one round trip without opening a transaction."""
-	idle = conn.status == ext.STATUS_READY and conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
-	saved = (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
-	if idle and not conn.autocommit:
-		# psycopg2 would send its BEGIN as a round trip of its own. Switching to autocommit sends
-		# nothing while the characteristics are at their defaults, nor does switching back.
-		_set_characteristics(conn, True, None, None, None)
-	try:
-		with conn.cursor(cursor_factory=ext.cursor) as cur:
-			cur.execute(_SESSION_SETTINGS_QUERY)
-			rows = cur.fetchall()
-	finally:
-		if (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable) != saved:
-			_set_characteristics(conn, *saved)
-	return tuple((name, setting) for name, setting in rows)
+	"""The connect-time values of the reported settings, as the login left them; no round trip."""
+	status = conn.info.parameter_status
+	return tuple((name, value) for name in _REPORTED_SETTINGS if (value := status(name)) is not None)
+
+
+def _restore_statement(conn: ext.connection, settings: tuple[tuple[str, str], ...]) -> str:
+	statement = _restore_sql.get(settings)
+	if statement is None:
+		calls = sql.SQL(", ").join(
+			sql.SQL("pg_catalog.set_config({}, {}, false)").format(sql.Literal(n), sql.Literal(v))
+			for n, v in settings
+		)
+		statement = (sql.SQL("SELECT ") + calls).as_string(conn)
+		if len(_restore_sql) > 1024:  # one per site and process in practice; never unbounded
+			_restore_sql.clear()
+		_restore_sql[settings] = statement
+	return statement
 
 
 def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> None:
