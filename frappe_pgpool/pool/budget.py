@@ -30,6 +30,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
 	from .pool import ConnectionPool, _Record, _Waiter
 
+# Keeping a connection pays only if it is used again: each miss then costs the return's rollback and
+# reset, and an eviction, on top of the login plain Frappe pays anyway. A checkout "would hit" when its
+# pool was among the last `limit` pools to return a connection (what keeping them would have served).
+# Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
+# Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
+# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 5-12%.
+REUSE_WINDOW = 64
+REUSE_WARMUP = 16  # checkouts before the rate counts: a process keeps from its first request
+REUSE_MIN_RATE = 0.25
+
 
 class ProcessBudget:
 	def __init__(self, setting: int | None = None, bounded: bool = True) -> None:
@@ -50,6 +60,11 @@ class ProcessBudget:
 		# checkouts let over a numeric budget because their thread already held one: it would have
 		# waited for a connection only it can give back (a request holding the primary opening a replica)
 		self.overdrafts = 0
+		# the reuse gate (see REUSE_MIN_RATE)
+		self.recent: deque[bool] = deque(maxlen=REUSE_WINDOW)  # would-hit of the last checkouts
+		self.recent_hits = 0  # how many of `recent` are True
+		self.returned: deque[ConnectionPool] = deque()  # pools that returned last, newest last
+		self.not_reused = 0  # connections closed on return because keeping did not pay
 
 	# All methods below run under self.lock.
 
@@ -75,6 +90,26 @@ class ProcessBudget:
 			self.holders[thread] = held
 		else:
 			self.holders.pop(thread, None)
+
+	def note_checkout(self, pool: ConnectionPool) -> None:
+		would_hit = pool in self.returned
+		if len(self.recent) == self.recent.maxlen:
+			self.recent_hits -= self.recent[0]
+		self.recent.append(would_hit)
+		self.recent_hits += would_hit
+
+	def note_return(self, pool: ConnectionPool) -> None:
+		if pool in self.returned:
+			self.returned.remove(pool)
+		self.returned.append(pool)
+		while len(self.returned) > max(1, self.limit() or 1):
+			self.returned.popleft()
+
+	def reuse_pays(self) -> bool:
+		"""Whether connections are worth keeping now (see REUSE_MIN_RATE)."""
+		if not self.bounded or len(self.recent) < REUSE_WARMUP:
+			return True
+		return self.recent_hits >= REUSE_MIN_RATE * len(self.recent)
 
 	def has_room(self) -> bool:
 		limit = self.limit()
@@ -154,4 +189,7 @@ class ProcessBudget:
 			"budget_waits": self.waits,
 			"budget_timeouts": self.timeouts,
 			"budget_overdrafts": self.overdrafts,
+			"reuse_rate": round(self.recent_hits / len(self.recent), 3) if self.recent else None,
+			"keeping": self.reuse_pays(),
+			"not_reused": self.not_reused,
 		}

@@ -140,6 +140,7 @@ class ConnectionPool:
 						raise PoolClosed(f"frappe_pgpool: pool {self.name} is closed")
 					if not started:
 						nested = budget.checkout_started(thread)  # counts until putconn ends: the peak
+						budget.note_checkout(self)
 						started = True
 					record, stale = self._take_idle()
 					if record is not None:
@@ -387,6 +388,10 @@ class ConnectionPool:
 			del self._in_use[id(conn)]
 			self._returning += 1  # keeps its slot while it is reset: the size bound holds
 			leaks = self._find_leaks() if self.config.leak_warning else None
+			budget = self._budget
+			budget.note_return(self)
+			# kept only while keeping pays, or when a caller of this pool is waiting for it
+			keep = budget.reuse_pays() or any(w.pool is self for w in budget.waiters)
 		forked = os.getpid() != self.pid
 		try:
 			if leaks:
@@ -396,6 +401,8 @@ class ConnectionPool:
 				reason = "fork"
 			else:
 				reason = self._retire_reason(record, discard)
+				if reason is None and not keep:
+					reason = "not_reused"  # closed as plain Frappe closes it: no rollback, no reset
 			if reason is None:
 				try:
 					reset(conn, record.defaults, self._reset_query())
@@ -429,6 +436,8 @@ class ConnectionPool:
 				if reason is None:
 					return True
 			self.stats.closed[reason] += 1
+			if reason == "not_reused":
+				budget.not_reused += 1
 		if reason == "budget":
 			close_dropping_server(conn)  # over the budget: an eviction, see close_dropping_server
 		elif reason != "fork":

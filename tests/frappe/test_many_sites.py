@@ -290,14 +290,15 @@ def test_sync_workers_over_many_sites_hold_one_connection_each_without_pgbouncer
 		f"\nsync x2 direct, 400 pings over {len(ALL)} sites: most sockets to PostgreSQL per worker {sockets}, "
 		f"backends per worker {sampler.peak_by_pid('backends_by_pid')} ({len(samples)} samples)"
 	)
-	assert sockets == dict.fromkeys(pids, 1)
+	# at most one each; round robin over 13 sites no checkout would hit, so past the warm-up the workers
+	# close on return as plain Frappe does (budget "keeping" false) and may hold none between requests
+	assert set(sockets) <= pids and all(n <= 1 for n in sockets.values()), sockets
 	for pid in pids:
 		budget = statuses[pid]["budget"]
-		assert budget["limit"] == budget["peak"] == 1 and budget["open"] == 1
-	# after the run: one backend per worker, for whichever site it served last
-	assert collections.Counter(pid for _site, pid in filter(None, backends) if pid in pids) == dict.fromkeys(
-		pids, 1
-	)
+		assert budget["limit"] == budget["peak"] == 1 and budget["open"] <= 1
+	# after the run: at most one backend per worker
+	after = collections.Counter(pid for _site, pid in filter(None, backends) if pid in pids)
+	assert all(n <= 1 for n in after.values()), after
 
 
 def test_one_site_keeps_one_login_per_worker(fleet):
