@@ -255,7 +255,7 @@ def test_gthread_workers_over_many_sites_keep_at_most_their_peak(fleet):
 		budget = statuses[pid]["budget"]
 		assert budget["process_budget"] == "auto" and 1 <= budget["peak"] <= 4
 		assert budget["open"] <= budget["limit"] == budget["peak"]
-		assert peak_by_pid.get(pid, 0) <= budget["peak"] and 1 <= sockets[pid] <= budget["peak"]
+		assert peak_by_pid.get(pid, 0) <= budget["peak"] and sockets[pid] <= budget["peak"]
 	assert set(peak_by_pid) <= pids
 	assert not sampler.errors
 
@@ -342,7 +342,7 @@ def test_numeric_budget_bounds_each_worker(fleet):
 		f"sockets per process {sockets}"
 	)
 	assert clients <= 2 * 2 and all(n <= 2 for n in peak_by_pid.values())
-	assert set(sockets) == pids and all(1 <= n <= 2 for n in sockets.values())
+	assert set(sockets) == pids and all(n <= 2 for n in sockets.values())
 	for s in statuses.values():
 		assert s["budget"]["process_budget"] == 2 and s["budget"]["open"] <= 2
 
