@@ -66,20 +66,20 @@ def distance(rows: list[dict], path: Path) -> None:
 	fig.savefig(path, dpi=100)
 
 
-def sites(rows: list[dict], path: Path) -> None:
-	"""Many sites: req/s and p95 off vs on (means over rounds) per placement and workers; servers over time."""
-	rows = [r for r in rows if r.get("variant", "default") == "default"]
+def sites(data: dict, path: Path) -> None:
+	"""Many sites: req/s (median of rounds) and p95 off vs on per placement and workers; servers over time."""
+	rows = [r for r in data["rows"] if r.get("variant", "default") == "default"]
+	merged = {
+		(r["placement"], r["workers"], r["shape"], r["traffic"], r["pool"]): r
+		for r in data["summary"]
+		if r.get("variant", "default") == "default"
+	}
 	placements = list(dict.fromkeys(r["placement"] for r in rows))
 	workers = list(dict.fromkeys(r["workers"] for r in rows))
 	cells = list(dict.fromkeys((r["shape"], r["traffic"]) for r in rows))
 
-	def mean(metric: str, *key: str) -> float:
-		values = [
-			r[metric]
-			for r in rows
-			if (r["placement"], r["workers"], r["shape"], r["traffic"], r["pool"]) == key
-		]
-		return sum(values) / len(values) if values else 0.0
+	def value(metric: str, *key: str) -> float:
+		return merged[key][metric] if key in merged else 0.0
 
 	fig, axes = plt.subplots(
 		len(placements),
@@ -93,7 +93,7 @@ def sites(rows: list[dict], path: Path) -> None:
 			for k, (metric, label) in enumerate((("rps", "req/s"), ("p95", "p95 ms"))):
 				ax = axes[i][2 * j + k]
 				for n, pool in enumerate(("off", "on")):
-					values = [mean(metric, placement, w, shape, traffic, pool) for shape, traffic in cells]
+					values = [value(metric, placement, w, shape, traffic, pool) for shape, traffic in cells]
 					ax.bar(
 						[x + (n - 0.5) * width for x in range(len(cells))],
 						values,
