@@ -167,3 +167,20 @@ class Gunicorn:
 		"""Run (path, site, token[, data]) calls with `concurrency` clients; results in call order."""
 		with ThreadPoolExecutor(concurrency) as pool:
 			return list(pool.map(lambda call: self.request(*call), calls))
+
+
+def failed_write_rolls_back_and_commits_are_seen(web: Gunicorn, site: str, token: str, marker: str) -> None:
+	"""A request that fails after a write leaves nothing; a committed write is seen by the next request."""
+	like = f'/api/resource/ToDo?filters=[["description","like","{marker}%"]]'
+	code, _ = web.request(
+		"/api/method/frappe.client.insert_many",
+		site,
+		token,
+		{"docs": [{"doctype": "ToDo", "description": f"{marker}-rolled-back"}, {"doctype": "ToDo"}]},
+	)
+	assert code >= 400  # the second ToDo has no description: the request fails after a write
+	assert web.request(like, site, token) == (200, {"data": []})
+	code, _ = web.request("/api/resource/ToDo", site, token, {"description": f"{marker}-committed"})
+	assert code == 200
+	code, body = web.request(like, site, token)
+	assert code == 200 and len(body["data"]) == 1

@@ -14,7 +14,13 @@ import uuid
 import pytest
 
 from .bench import SITE, requires_bench, run_in_bench
-from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer, write_site_config
+from .e2e import (
+	Gunicorn,
+	failed_write_rolls_back_and_commits_are_seen,
+	read_site_config,
+	sites_behind_pgbouncer,
+	write_site_config,
+)
 
 pytestmark = [pytest.mark.frappe, requires_bench]
 SITE2 = os.environ.get("FRAPPE_SITE2", "")
@@ -109,23 +115,7 @@ def test_failed_request_is_rolled_back_and_commits_are_seen_by_the_next_request(
 	token = env["tokens"][SITE]
 	marker = f"pgpool-{uuid.uuid4().hex[:10]}"
 	with Gunicorn(workers=1) as web:
-		code, _ = web.request(
-			"/api/method/frappe.client.insert_many",
-			SITE,
-			token,
-			{"docs": [{"doctype": "ToDo", "description": f"{marker}-rolled-back"}, {"doctype": "ToDo"}]},
-		)
-		assert code >= 400  # the second ToDo has no description: the request fails after a write
-		code, body = web.request(
-			f'/api/resource/ToDo?filters=[["description","like","{marker}%"]]', SITE, token
-		)
-		assert code == 200 and body["data"] == []
-		code, body = web.request("/api/resource/ToDo", SITE, token, {"description": f"{marker}-committed"})
-		assert code == 200
-		code, body = web.request(
-			f'/api/resource/ToDo?filters=[["description","like","{marker}%"]]', SITE, token
-		)
-		assert code == 200 and len(body["data"]) == 1
+		failed_write_rolls_back_and_commits_are_seen(web, SITE, token, marker)
 		isolation = run_in_bench(
 			"""
 			import frappe

@@ -24,21 +24,13 @@ from frappe_pgpool.testing.standby import HotStandby
 
 from .bench import BENCH, SITE, requires_bench, run_in_bench
 from .e2e import Gunicorn, read_site_config, site_config_path, write_site_config
+from .test_e2e import TOKEN_SCRIPT
 
 pytestmark = [pytest.mark.frappe, requires_bench]
 SITE2 = os.environ.get("FRAPPE_SITE2", "")
 SUPERUSER = os.environ.get("PGPOOL_E2E_PG_SUPERUSER", "postgres")
 PROBE = "frappe.pgpool_replica_probe"
 
-TOKEN_SCRIPT = """
-import frappe
-from frappe.core.doctype.user.user import generate_keys
-frappe.init(site=SITE); frappe.connect(); frappe.set_user("Administrator")
-secret = generate_keys("Administrator")["api_secret"]
-key = frappe.db.get_value("User", "Administrator", "api_key")
-frappe.db.commit(); frappe.destroy()
-out(f"{key}:{secret}")
-"""
 
 PROBE_SOURCE = '''
 """Test-only endpoints of frappe_pgpool's replica tests (tests/frappe/test_replica.py); removed after."""

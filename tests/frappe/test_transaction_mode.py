@@ -12,7 +12,13 @@ import uuid
 import pytest
 
 from .bench import SITE, requires_bench
-from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer, write_site_config
+from .e2e import (
+	Gunicorn,
+	failed_write_rolls_back_and_commits_are_seen,
+	read_site_config,
+	sites_behind_pgbouncer,
+	write_site_config,
+)
 from .test_e2e import TOKEN_SCRIPT, status
 
 pytestmark = [pytest.mark.frappe, requires_bench]
@@ -71,19 +77,7 @@ def test_pool_on_logs_in_once_per_worker_and_starts_no_backend_per_request(env):
 
 
 def test_writes_commit_and_failures_roll_back(env):
-	token = env["token"]
-	marker = f"pgpool-tx-{uuid.uuid4().hex[:10]}"
-	like = f'/api/resource/ToDo?filters=[["description","like","{marker}%"]]'
 	with Gunicorn(workers=1) as web:
-		code, _ = web.request(
-			"/api/method/frappe.client.insert_many",
-			SITE,
-			token,
-			{"docs": [{"doctype": "ToDo", "description": f"{marker}-rolled-back"}, {"doctype": "ToDo"}]},
+		failed_write_rolls_back_and_commits_are_seen(
+			web, SITE, env["token"], f"pgpool-tx-{uuid.uuid4().hex[:10]}"
 		)
-		assert code >= 400  # fails after its first write
-		assert web.request(like, SITE, token) == (200, {"data": []})
-		code, _ = web.request("/api/resource/ToDo", SITE, token, {"description": f"{marker}-committed"})
-		assert code == 200
-		code, body = web.request(like, SITE, token)
-	assert code == 200 and len(body["data"]) == 1
