@@ -78,9 +78,7 @@ def get_connection(wrapped, instance, args, kwargs):
 	if previous is not None and registry.owns(previous):
 		# connect() over an open checkout (v16 reconnects on OperationalError without close()):
 		# give the old one back first, or it keeps its slot until the object is collected.
-		instance._pgpool_statements = None
-		_detach_finalizer(previous)
-		registry.putconn(previous)
+		_give_back(instance, previous)
 	site = getattr(frappe.local, "site", None)
 	config = site_pool_config(site, frappe.local.conf) if site else None
 	if config is None:
@@ -143,11 +141,7 @@ def close(wrapped, instance, args, kwargs):
 	conn = instance.__dict__.get("_conn")
 	if conn is None or not registry.owns(conn):
 		return wrapped(*args, **kwargs)
-	instance._cursor = None
-	instance._conn = None
-	instance._pgpool_statements = None
-	_detach_finalizer(conn)
-	registry.putconn(conn)
+	_give_back(instance, conn)
 	return None
 
 
@@ -159,8 +153,8 @@ def sql(wrapped, instance, args, kwargs):
 	been lost, so only the checkout's first statement is retried, and only when psycopg2 was idle
 	before it, not in autocommit, and still idle after the failure: its BEGIN, sent first, is what
 	failed, so the statement never reached the server. One that was running when its backend died
-	(a DBA's pg_terminate_backend, the OOM killer) is not run again. `_pgpool_statements` counts the sql() calls begun on the checkout (the
-	get_connection wrapper sets it to 0); a call entered with no connection is the one that connects
+	(a DBA's pg_terminate_backend, the OOM killer) is not run again. `_pgpool_statements` counts the
+	sql() calls begun on the checkout (the get_connection wrapper sets it to 0); a call entered with no connection is the one that connects
 	(Frappe connects lazily inside the first sql()), so its statement is the first unless a nested
 	sql() ran inside connect() (v15's SET LOCAL statement_timeout), which that nested call counts.
 	A statement that connect() runs on the cursor itself (v16's SET search_path) fails inside the
@@ -193,14 +187,20 @@ def sql(wrapped, instance, args, kwargs):
 		):
 			raise
 		log.warning("frappe_pgpool: a pooled connection died before its first statement ran; retrying once")
-		instance._cursor = None
-		instance._conn = None
-		_detach_finalizer(dead)
-		registry.putconn(dead, discard=True)
+		_give_back(instance, dead, discard=True)
 		return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
 	finally:
 		if conn is None and state.get("_pgpool_statements") == 0:
 			state["_pgpool_statements"] = 1  # the statement of the call that connected
+
+
+def _give_back(instance, conn, discard: bool = False) -> None:
+	"""Detach a pooled connection from its Database and return it (close, reconnect, retry)."""
+	instance._cursor = None
+	instance._conn = None
+	instance._pgpool_statements = None
+	_detach_finalizer(conn)
+	registry.putconn(conn, discard)
 
 
 def _detach_finalizer(conn) -> None:
