@@ -16,7 +16,7 @@ import psycopg2.extensions as ext
 
 from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, parse_config, registry
 from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
-from .pool.connection import set_keepalive
+from .pool.connection import keepalive_options
 from .publish import Publisher
 
 log = logging.getLogger("frappe_pgpool")
@@ -28,6 +28,9 @@ _config_lock = threading.Lock()
 _finalizers: dict[int, weakref.finalize] = {}
 # libpq options for the pooled connection this thread is opening right now (see psycopg2_connect)
 _connect_options = threading.local()
+_KEEPALIVE = keepalive_options()
+# (site, host, port, dbname, user, password) -> its PoolKey: the key's digest is made once, not per checkout
+_keys: dict[tuple, PoolKey] = {}
 publisher = Publisher(registry)
 
 
@@ -67,7 +70,14 @@ def pool_key(site: str, db: Any) -> PoolKey:
 	"""The identity a PostgresDatabase connects with, exactly as its get_connection uses it."""
 	host = db.host or db.socket
 	port = None if db.socket else db.port
-	return PoolKey.make(site, host, port, db.cur_db_name, db.user, db.password)
+	# The cache holds the password only as Frappe's own conf already does (the same string object).
+	ident = (site, host, port, db.cur_db_name, db.user, db.password)
+	key = _keys.get(ident)
+	if key is None:
+		if len(_keys) > 4096:  # a few per site in practice; never unbounded
+			_keys.clear()
+		key = _keys[ident] = PoolKey.make(*ident)
+	return key
 
 
 def get_connection(wrapped, instance, args, kwargs):
@@ -91,13 +101,12 @@ def get_connection(wrapped, instance, args, kwargs):
 		_connect_options.value = {
 			"application_name": application_name(site),
 			"connect_timeout": config.connect_timeout,  # Frappe's DSN has none: libpq would wait forever
+			**_KEEPALIVE,  # a kept connection notices a silent network loss
 		}
 		try:
-			conn = wrapped(*args, **kwargs)
+			return wrapped(*args, **kwargs)
 		finally:
 			_connect_options.value = None
-		set_keepalive(conn)
-		return conn
 
 	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
 	budget = frappe.local.conf.get("db_pool_process_budget")

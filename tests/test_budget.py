@@ -521,3 +521,57 @@ def test_connections_are_kept_only_while_keeping_pays(bouncer, reg):
 	assert snap["keeping"] is True and snap["open"] == 1
 	assert reg.pools()[keys[0]].snapshot()["hits"] >= 40
 	print(f"\nround robin over 20 sites: {queries} queries for 80 checkouts; then one site: {snap}")
+
+
+def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain_frappe(bouncer, reg):
+	"""The miss path of spread traffic: opened as the factory made it (no cursor tracker, no settings
+	captured) and closed on return with nothing sent, even if keeping pays again by then: it has nothing
+	recorded that a reset would need."""
+	config = PoolConfig(enabled=True, size=2)
+	keys = sites(bouncer, 20, "miss-path")
+	connect = {k: named_factory(bouncer, "miss-path", k.user) for k in keys}
+	for i in range(40):  # round robin: the gate closes after the warm-up
+		conn = reg.getconn(keys[i % 20], config, connect[keys[i % 20]])
+		reg.putconn(conn)
+	assert reg.snapshot()["keeping"] is False
+	conn = reg.getconn(keys[0], config, connect[keys[0]])
+	assert conn.cursor_factory is None  # plain psycopg2: nothing installed on a connection not kept
+	with conn.cursor() as cur:
+		cur.execute("SELECT 1")
+	conn.commit()
+	with reg._budget.lock:  # the traffic concentrated meanwhile: keeping pays again
+		reg._budget.recent.clear()
+		reg._budget.recent_hits = 0
+	assert reg.snapshot()["keeping"] is True
+	before = int(bouncer.stats("app1")["total_query_count"])
+	reg.putconn(conn)
+	assert conn.closed
+	assert int(bouncer.stats("app1")["total_query_count"]) == before  # no rollback, no reset
+	assert reg.snapshot()["open"] == 0
+	kept = reg.getconn(keys[0], config, connect[keys[0]])  # opened while keeping: tracked, then kept
+	assert kept.cursor_factory is not None
+	reg.putconn(kept)
+	assert not kept.closed and reg.snapshot()["open"] == 1
+
+
+def test_pooled_connections_notice_a_silent_network_loss(bouncer):
+	"""keepalive_options are libpq options (set in C while connecting, nothing per connection in Python):
+	keepalives after 30 s idle, and a statement sent into a silent network fails after 60 s."""
+	import socket
+
+	from frappe_pgpool.pool.connection import keepalive_options
+
+	conn = psycopg2.connect(bouncer.dsn("app1", USERS["app1"], "app1"), **keepalive_options())
+	try:
+		sock = socket.socket(fileno=os.dup(conn.fileno()))
+		try:
+			assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+			assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+			assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+			assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+			if ext.libpq_version() >= 120000:
+				assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60000
+		finally:
+			sock.close()
+	finally:
+		conn.close()

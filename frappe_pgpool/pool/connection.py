@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -364,29 +363,21 @@ def disown(conn: ext.connection) -> None:
 		os.close(devnull)
 
 
-def set_keepalive(conn: ext.connection, idle: int = 30, interval: int = 10, count: int = 3) -> None:
-	"""Tighten TCP keepalives on the connection's socket so a silent network loss is noticed.
+def keepalive_options(idle: int = 30, interval: int = 10, count: int = 3) -> dict[str, int]:
+	"""libpq connection options that notice a silent network loss, set in C while connecting.
 
-	libpq turns keepalives on with the kernel's defaults (2 hours idle); options are per
-	socket, so setting them on a dup of the descriptor changes the connection's socket.
-	TCP_USER_TIMEOUT bounds the other case, a statement sent into a silent network: unacknowledged
-	data makes the kernel drop the connection after the same time instead of ~15 minutes of
-	retransmissions. A long-running query is not affected (the server's kernel acknowledges it).
+	libpq turns keepalives on with the kernel's defaults (2 hours idle). TCP_USER_TIMEOUT bounds
+	the other case, a statement sent into a silent network: unacknowledged data makes the kernel
+	drop the connection after the same time instead of ~15 minutes of retransmissions. A long-running
+	query is not affected (the server's kernel acknowledges it). libpq ignores them on a Unix socket.
+	Options, not setsockopt on the open socket: no Python work per connection (a miss pays nothing).
 	"""
-	try:
-		sock = socket.socket(fileno=os.dup(conn.fileno()))  # detects the real family
-	except OSError:
-		return
-	try:
-		if sock.family not in (socket.AF_INET, socket.AF_INET6):
-			return
-		sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-		sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-		if hasattr(socket, "TCP_USER_TIMEOUT"):
-			sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
-	except OSError:
-		pass
-	finally:
-		sock.close()
+	options = {
+		"keepalives": 1,
+		"keepalives_idle": idle,
+		"keepalives_interval": interval,
+		"keepalives_count": count,
+	}
+	if ext.libpq_version() >= 120000:  # tcp_user_timeout is a libpq 12 option; older ones reject it
+		options["tcp_user_timeout"] = (idle + interval * count) * 1000
+	return options

@@ -53,8 +53,10 @@ class _Record:
 	"""One physical connection and its bookkeeping (SQLAlchemy's _ConnectionRecord)."""
 
 	conn: ext.connection
-	defaults: SessionDefaults
-	poller: select.poll
+	# None: opened while keeping did not pay (see budget.REUSE_MIN_RATE); it is closed on return as
+	# plain Frappe closes it, so nothing a reset would need is recorded (the miss costs no more).
+	defaults: SessionDefaults | None
+	poller: select.poll | None
 	created_at: float
 	expires_at: float
 	returned_at: float = 0.0
@@ -336,10 +338,13 @@ class ConnectionPool:
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
+		keeping = self._budget.reuse_pays()  # read without the lock: a stale answer only costs a close
 		try:
 			conn = connect()
-			defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")
-			poller = socket_poller(conn)
+			defaults = poller = None
+			if keeping:
+				defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")
+				poller = socket_poller(conn)
 		except BaseException:
 			with self._lock:
 				self._opening -= 1
@@ -401,7 +406,7 @@ class ConnectionPool:
 				reason = "fork"
 			else:
 				reason = self._retire_reason(record, discard)
-				if reason is None and not keep:
+				if reason is None and (not keep or record.defaults is None):
 					reason = "not_reused"  # closed as plain Frappe closes it: no rollback, no reset
 			if reason is None:
 				try:
