@@ -118,4 +118,49 @@ def test_psycopg2_errors_are_still_the_drivers(tx_bouncer, registry):
 	with pytest.raises(psycopg2.errors.UndefinedTable):
 		request(conn, "SELECT * FROM no_such_table")
 	assert registry.putconn(conn)  # an aborted transaction is rolled back and kept
-	assert registry.snapshot()["idle"] == 1
+	assert registry.snapshot()["transaction_mode_idle"] == 1  # counted apart: it pins no server
+
+
+def _site_keys(bouncer, n: int, prefix: str) -> list:
+	return [key_for("app1", f"{prefix}-{i}.local", bouncer) for i in range(n)]
+
+
+def test_many_sites_keep_an_idle_client_each_and_pin_no_server(tx_bouncer, registry):
+	"""A sync worker serving 10 sites in turn (issue 12): in session mode it keeps one connection (each
+	pins a server); in transaction mode an idle client pins nothing, so each site keeps one, and every
+	checkout after the first round hits, while pgBouncer lends the same one server for all of them."""
+	config = PoolConfig(enabled=True, size=2, pgbouncer_mode="transaction")
+	keys = _site_keys(tx_bouncer, 10, "tx-many")
+	servers = set()
+	for _ in range(3):
+		for key in keys:
+			conn = registry.getconn(key, config, frappe_like_factory(tx_bouncer))
+			servers.add(backend_pid(conn))
+			registry.putconn(conn)
+	pools = registry.pools()
+	assert sum(pools[k].snapshot()["misses"] for k in keys) == 10  # one login per site
+	assert sum(pools[k].snapshot()["hits"] for k in keys) == 20
+	snap = registry.snapshot()
+	assert snap["transaction_mode_idle"] == 10 and snap["transaction_mode_limit"] is None
+	assert snap["open"] == 0  # nothing counted against the server budget
+	assert len(servers) == 1  # one request at a time: one server, lent to each client in turn
+
+
+def test_a_login_refused_for_max_client_conn_sheds_the_idle_clients_and_retries(cluster, registry, caplog):
+	"""With idle clients kept per site, a pgBouncer whose max_client_conn is too small for the bench
+	refuses a login: the process closes its idle clients, logs what to raise, retries the login once
+	(the request is served), and from then on keeps no more than its peak, as in session mode."""
+	config = PoolConfig(enabled=True, size=2, pgbouncer_mode="transaction")
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction", default_pool_size=2, max_client_conn=4) as b:
+		keys = _site_keys(b, 8, "tx-refused")
+		for key in keys:  # the 5th login is refused: 4 idle clients are held
+			conn = registry.getconn(key, config, frappe_like_factory(b))
+			request(conn)
+			registry.putconn(conn)
+		snap = registry.snapshot()
+		assert snap["client_limit_refusals"] == 1
+		assert snap["transaction_mode_limit"] == 1  # capped at the peak from then on
+		assert snap["transaction_mode_idle"] == 1
+		warnings = [r.getMessage() for r in caplog.records if "client limit" in r.getMessage()]
+		assert len(warnings) == 1 and "max_client_conn" in warnings[0]
+		assert "tx-refused" in warnings[0] and USERS["app1"] not in warnings[0]
