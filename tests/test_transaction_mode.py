@@ -151,7 +151,9 @@ def test_a_login_refused_for_max_client_conn_sheds_the_idle_clients_and_retries(
 	refuses a login: the process closes its idle clients, logs what to raise, retries the login once
 	(the request is served), and from then on keeps no more than its peak, as in session mode."""
 	config = PoolConfig(enabled=True, size=2, pgbouncer_mode="transaction")
-	with PgBouncer(cluster, users=USERS, pool_mode="transaction", default_pool_size=2, max_client_conn=4) as b:
+	with PgBouncer(
+		cluster, users=USERS, pool_mode="transaction", default_pool_size=2, max_client_conn=4
+	) as b:
 		keys = _site_keys(b, 8, "tx-refused")
 		for key in keys:  # the 5th login is refused: 4 idle clients are held
 			conn = registry.getconn(key, config, frappe_like_factory(b))
