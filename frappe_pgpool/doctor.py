@@ -230,10 +230,6 @@ def _number(value: object) -> float:
 # --- what the bench's processes can hold ---
 
 
-def _is_auto(value: object) -> bool:
-	return value is None or (isinstance(value, str) and value.strip().lower() == "auto")
-
-
 def _budget_value(value: object, concurrency: int) -> int | None:
 	if isinstance(value, str):
 		word = value.strip().lower()
@@ -250,19 +246,16 @@ def _budget_value(value: object, concurrency: int) -> int | None:
 	return number if number > 0 else None
 
 
-def process_budget(
-	sites: Iterable[Site], concurrency: int, override: object = None, auto_bounds: bool = True
-) -> int | None:
+def process_budget(sites: Iterable[Site], concurrency: int, override: object = None) -> int | None:
 	"""Most connections a process with `concurrency` threads keeps open across all sites, or None.
 
 	db_pool_process_budget: "auto" is the process's peak of concurrent checkouts, so at most its thread
 	count (1 for a sync worker or an RQ work-horse); a number is that number. The process applies the
 	value of the site it serves: with different values on different sites the largest counts (an upper
-	bound); a site without one (None) means no budget. auto_bounds False: "auto" bounds nothing (idle
-	clients in pgBouncer transaction mode, which pin no server).
+	bound); a site without one (None) means no budget.
 	"""
 	values = [override] if override is not None else [s.process_budget for s in sites if s.pooled]
-	limits = [_budget_value(v, concurrency) if auto_bounds or not _is_auto(v) else None for v in values]
+	limits = [_budget_value(v, concurrency) for v in values]
 	if not limits or None in limits:
 		return None
 	return max(limits)
@@ -295,20 +288,13 @@ def demand(bench: Bench, sites: Sequence[Site], budget: object = None, active: b
 	held = []
 	for concurrency in (bench.threads, 1):
 		pooled = [s for s in sites if s.pooled]
+		count = sum(min(concurrency, s.config.size) for s in pooled)
 		plain = concurrency if len(pooled) < len(sites) else 0
 		if active:
-			count = min(concurrency, sum(min(concurrency, s.config.size) for s in pooled) + plain)
+			count = min(concurrency, count + plain)
 		else:
-			# "auto" follows the peak only for connections that pin a server; in pgBouncer transaction
-			# mode an idle client pins nothing and auto leaves them to db_pool_size (a number caps both)
-			count = plain
-			for pins in (True, False):
-				group = [s for s in pooled if (s.config.pgbouncer_mode == "session") is pins]
-				if not group:
-					continue
-				kept = sum(min(concurrency, s.config.size) for s in group)
-				limit = process_budget(bench.sites, concurrency, budget, auto_bounds=pins)
-				count += kept if limit is None else min(kept, limit)
+			limit = process_budget(bench.sites, concurrency, budget)
+			count = (count if limit is None else min(count, limit)) + plain
 		held.append(count)
 	return Demand(bench, *held)
 
@@ -447,7 +433,6 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 						[
 							f"raise max_client_conn to at least {total.total} plus your other clients",
 							_with_auto_budget(bench, sites, total),
-							"set db_pool_process_budget to a number (each process then keeps at most that many)",
 							"lower db_pool_size",
 						],
 					)

@@ -464,20 +464,3 @@ def test_admin_dsn_from_environment_config_passfile_or_prompt(bouncer, tmp_path,
 	assert warning.level == "warn" and "ps" in warning.message and "PGPOOL_ADMIN_DSN" in warning.fix
 	assert bouncer.admin_password not in doctor.render(resolved.findings) + resolved.shown
 	assert not doctor.resolve_admin_dsn(admin_dsn(bouncer), {}, {}).findings  # no password, no warning
-
-
-def test_doctor_counts_every_idle_client_of_many_sites_in_transaction_mode(cluster):
-	"""In pgBouncer transaction mode "auto" keeps an idle client per site and process (they pin no
-	server): 20 sites x (4 sync workers + 3 job processes) can hold 140 clients, more than
-	max_client_conn=100. An error, whose fix names the limit, the number, and a numeric budget."""
-	config = pool_config(pgbouncer_mode="transaction")
-	settings = dict(pool_mode="transaction", default_pool_size=20, max_client_conn=100)
-	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
-		sites = behind(bouncer, config, count=20, budget="auto")
-		found = by_check(examine(bouncer, bench_of(sites, web=4, threads=1, jobs=3)))
-		assert found["max_client_conn"].level == "error"
-		assert "4 web x 20 + 3 job x 20 = 140" in found["max_client_conn"].message
-		assert "db_pool_process_budget to a number" in found["max_client_conn"].fix
-		sites = behind(bouncer, config, count=20, budget=2)
-		found = by_check(examine(bouncer, bench_of(sites, web=4, threads=1, jobs=3)))
-		assert found["max_client_conn"].level == "ok"  # 4 x 2 + 3 x 2 = 14

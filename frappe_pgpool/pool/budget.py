@@ -42,16 +42,10 @@ REUSE_MIN_RATE = 0.25
 
 
 class ProcessBudget:
-	def __init__(self, setting: int | None = None, bounded: bool = True, pins_servers: bool = True) -> None:
+	def __init__(self, setting: int | None = None, bounded: bool = True) -> None:
 		self.lock = threading.Lock()
 		self.setting = setting  # None: auto; else the most connections the process keeps open
 		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
-		# False for pgBouncer transaction mode: an idle client holds no server there, so "auto" does not
-		# bound what is kept (db_pool_size and db_pool_max_idle per site do), until a login is refused
-		# for a client limit (pgBouncer's max_client_conn): then `capped`, auto keeps at most the peak.
-		self.pins_servers = pins_servers
-		self.capped = False
-		self.refusals = 0  # logins refused for a client limit, after which the idle ones were shed
 		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
 		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
 		# gauges
@@ -78,9 +72,7 @@ class ProcessBudget:
 		"""How many connections the process may keep open now; None: no process-wide limit."""
 		if not self.bounded:
 			return None
-		if self.setting is not None:
-			return self.setting
-		return self.peak if self.pins_servers or self.capped else None
+		return self.peak if self.setting is None else self.setting
 
 	def checkout_started(self, thread: int) -> bool:
 		"""Count a checkout of `thread`; True if that thread already holds one (a nested checkout)."""
@@ -115,8 +107,8 @@ class ProcessBudget:
 
 	def reuse_pays(self) -> bool:
 		"""Whether connections are worth keeping now (see REUSE_MIN_RATE)."""
-		if self.limit() is None or len(self.recent) < REUSE_WARMUP:
-			return True  # nothing is evicted to keep a connection: keeping always pays
+		if not self.bounded or len(self.recent) < REUSE_WARMUP:
+			return True
 		return self.recent_hits >= REUSE_MIN_RATE * len(self.recent)
 
 	def has_room(self) -> bool:
@@ -167,18 +159,6 @@ class ProcessBudget:
 			victim_pool._count_eviction()
 			pool._grant_slot_to(waiter, record)  # the victim's slot: it closes it before connecting
 
-	def shed_idle(self) -> list[tuple[ConnectionPool, _Record]]:
-		"""Every idle connection, to close: a login was refused for a client limit (see `capped`)."""
-		shed = []
-		for pool in self.pools:
-			while pool._idle:
-				record = pool._idle.pop(0)
-				pool.stats.evictions["client_limit"] += 1
-				pool.stats.closed["client_limit"] += 1
-				self.evictions += 1
-				shed.append((pool, record))
-		return shed
-
 	def trim(self) -> list[tuple[ConnectionPool, _Record]]:
 		"""Idle connections above the limit (it was lowered), least recently used first, to close."""
 		excess = []
@@ -212,5 +192,4 @@ class ProcessBudget:
 			"reuse_rate": round(self.recent_hits / len(self.recent), 3) if self.recent else None,
 			"keeping": self.reuse_pays(),
 			"not_reused": self.not_reused,
-			"client_limit_refusals": self.refusals,
 		}

@@ -20,7 +20,6 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psycopg2
 import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
@@ -192,7 +191,7 @@ class ConnectionPool:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
 		if evict is not None:
 			try:
-				self._close_evicted(evict.conn)  # before connecting: never more than the budget
+				close_dropping_server(evict.conn)  # before connecting: never more than the budget
 			except BaseException:
 				with self._lock:
 					self._opening -= 1
@@ -333,7 +332,7 @@ class ConnectionPool:
 				return
 			else:
 				return
-		self._close_evicted(record.conn)  # evicted for this caller, which gave up
+		close_dropping_server(record.conn)  # evicted for this caller, which gave up
 		with self._lock:
 			self._released()
 
@@ -341,12 +340,7 @@ class ConnectionPool:
 		"""Open a connection in a slot already reserved by the caller."""
 		keeping = self._budget.reuse_pays()  # read without the lock: a stale answer only costs a close
 		try:
-			try:
-				conn = connect()
-			except psycopg2.OperationalError as e:
-				if not self._shed_for_refusal(e):
-					raise
-				conn = connect()  # once, with this process's idle clients gone
+			conn = connect()
 			defaults = poller = None
 			if keeping:
 				defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")
@@ -375,43 +369,6 @@ class ConnectionPool:
 				self._released()
 			raise PoolClosed(f"frappe_pgpool: pool {self.name} closed while connecting")
 		return conn
-
-	def _close_evicted(self, conn: ext.connection) -> None:
-		"""Close an evicted connection. In session mode (and without pgBouncer) its server goes with it,
-		see close_dropping_server; in transaction mode an idle client holds no server, and the BEGIN that
-		drops one would make pgBouncer throw away a server that other clients share."""
-		if self._budget.pins_servers:
-			close_dropping_server(conn)
-		else:
-			close_quietly(conn)
-
-	def _shed_for_refusal(self, error: psycopg2.OperationalError) -> bool:
-		"""A login refused for a client limit, with idle clients kept in transaction mode: close them all,
-		keep no more than the peak from now on (see ProcessBudget.capped), and say so. True: retry."""
-		budget = self._budget
-		if budget.pins_servers or not _refused_for_clients(error):
-			return False
-		with self._lock:
-			shed = budget.shed_idle()
-			first = not budget.capped
-			budget.capped = True
-			budget.refusals += 1
-		for _pool, record in shed:
-			close_quietly(record.conn)
-		if shed:
-			with self._lock:
-				self._released(len(shed))
-		if first:
-			log.warning(
-				"frappe_pgpool: a login for %s was refused for a client limit (%s); this process closed its %d "
-				"idle connections in pgBouncer transaction mode and from now on keeps no more than its peak of "
-				"concurrent requests. Raise pgBouncer's max_client_conn to what `bench pgpool doctor` reports, "
-				"or set db_pool_process_budget to a number.",
-				self.name,
-				str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
-				len(shed),
-			)
-		return bool(shed)
 
 	def _expiry(self, created_at: float) -> float:
 		lifetime = self.config.max_lifetime
@@ -487,7 +444,7 @@ class ConnectionPool:
 			if reason == "not_reused":
 				budget.not_reused += 1
 		if reason == "budget":
-			self._close_evicted(conn)  # over the budget: an eviction
+			close_dropping_server(conn)  # over the budget: an eviction, see close_dropping_server
 		elif reason != "fork":
 			close_quietly(conn)
 		with self._lock:
@@ -679,16 +636,6 @@ class ConnectionPool:
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
 			}
-
-
-# Login errors that say a client limit is reached: pgBouncer's max_client_conn (and its per-user and
-# per-database client limits), PostgreSQL's max_connections.
-_CLIENT_LIMIT_ERRORS = ("no more connections allowed", "too many clients", "connection slots are reserved")
-
-
-def _refused_for_clients(error: BaseException) -> bool:
-	text = str(error).lower()
-	return any(phrase in text for phrase in _CLIENT_LIMIT_ERRORS)
 
 
 def _stale_reason(record: _Record, now: float) -> str | None:

@@ -20,6 +20,7 @@ import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
 from .config import PoolConfig, parse_process_budget
+from .connection import close_dropping_server
 from .errors import ConfigError
 from .pool import Connect, ConnectionPool
 
@@ -63,11 +64,7 @@ class PoolRegistry:
 
 	def __init__(self, reap_interval: float = 1.0) -> None:
 		self._lock = threading.Lock()
-		# Two budgets, "auto" until set_process_budget says otherwise: one for the connections that pin a
-		# server while they are open (no pgBouncer, or pgBouncer in session mode), one for pgBouncer's
-		# transaction mode, where an idle client pins nothing (see ProcessBudget.pins_servers).
-		self._budget = ProcessBudget()
-		self._tx_budget = ProcessBudget(pins_servers=False)
+		self._budget = ProcessBudget()  # "auto" until set_process_budget says otherwise
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
 		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
@@ -141,50 +138,35 @@ class PoolRegistry:
 				log.error("%s; this process uses auto until it is fixed", e)
 			setting = None
 		self._budget_value = value
-		for budget in (self._budget, self._tx_budget):
+		budget = self._budget
+		with budget.lock:
+			if setting == budget.setting:
+				return
+			budget.setting = setting
+			excess = budget.trim()  # a lower budget: idle connections above it are closed now
+			budget.dispatch()  # a higher one: waiters get its new slots
+		for _pool, record in excess:
+			close_dropping_server(record.conn)
+		if excess:
 			with budget.lock:
-				if setting == budget.setting:
-					continue
-				budget.setting = setting
-				excess = budget.trim()  # a lower budget: idle connections above it are closed now
-				budget.dispatch()  # a higher one: waiters get its new slots
-			for pool, record in excess:
-				pool._close_evicted(record.conn)
-			if excess:
-				with budget.lock:
-					budget.open -= len(excess)
-					budget.dispatch()
+				budget.open -= len(excess)
+				budget.dispatch()
 
 	def snapshot(self) -> dict[str, object]:
 		"""The process-wide figures: budget setting and limit, connections open, checkouts, evictions."""
 		self._check_pid()
 		with self._budget.lock:
-			snap = self._budget.snapshot()
-		tx = self._tx_budget
-		if tx.pools:  # pgBouncer transaction mode: idle clients pin no server, counted apart
-			with tx.lock:
-				tx_snap = tx.snapshot()
-			snap["transaction_mode_limit"] = tx_snap["limit"]
-			snap["transaction_mode_open"] = tx_snap["open"]
-			snap["transaction_mode_idle"] = tx_snap["idle"]
-			snap["client_limit_refusals"] = tx_snap["client_limit_refusals"]
-		return snap
+			return self._budget.snapshot()
 
 	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
 		self._check_pid()
-		budget = self._budget if config.pgbouncer_mode == "session" else self._tx_budget
 		pool = self._pools.get(key)
-		if pool is None or pool._budget is not budget:
-			replaced = None
+		if pool is None:
 			with self._lock:
 				pool = self._pools.get(key)
-				if pool is not None and pool._budget is not budget:  # db_pool_pgbouncer_mode changed
-					replaced, pool = self._pools.pop(key), None
 				if pool is None:
-					pool = self._pools[key] = ConnectionPool(key.label, config, budget=budget)
+					pool = self._pools[key] = ConnectionPool(key.label, config, budget=self._budget)
 					self._ensure_reaper()
-			if replaced is not None:
-				replaced.close()  # its idle connections now; those in use on return
 		if pool.config is not config and pool.config != config:
 			pool.reconfigure(config)
 		return pool
@@ -231,7 +213,6 @@ class PoolRegistry:
 		self._pools = {}
 		# a fresh budget: its lock may have been held at fork time; the child's checkouts start at none
 		self._budget = ProcessBudget(setting=self._budget.setting)
-		self._tx_budget = ProcessBudget(setting=self._tx_budget.setting, pins_servers=False)
 		self._owner = {}
 		self._abandoned = deque()  # the parent's connections, disowned above
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time
