@@ -29,8 +29,10 @@ _finalizers: dict[int, weakref.finalize] = {}
 # libpq options for the pooled connection this thread is opening right now (see psycopg2_connect)
 _connect_options = threading.local()
 _KEEPALIVE = keepalive_options()
-# (site, host, port, dbname, user, password) -> its PoolKey: the key's digest is made once, not per checkout
-_keys: dict[tuple, PoolKey] = {}
+_keepalive_failed = False  # libpq could not set them on this system: connections go without, as in Frappe
+# (site, host, port, dbname, user) -> (password, its PoolKey): the key's digest is made once per identity,
+# not per checkout; a changed password replaces the entry (the password is held as Frappe's conf holds it)
+_keys: dict[tuple, tuple[str | None, PoolKey]] = {}
 publisher = Publisher(registry)
 
 
@@ -70,13 +72,14 @@ def pool_key(site: str, db: Any) -> PoolKey:
 	"""The identity a PostgresDatabase connects with, exactly as its get_connection uses it."""
 	host = db.host or db.socket
 	port = None if db.socket else db.port
-	# The cache holds the password only as Frappe's own conf already does (the same string object).
-	ident = (site, host, port, db.cur_db_name, db.user, db.password)
-	key = _keys.get(ident)
-	if key is None:
-		if len(_keys) > 4096:  # a few per site in practice; never unbounded
-			_keys.clear()
-		key = _keys[ident] = PoolKey.make(*ident)
+	ident = (site, host, port, db.cur_db_name, db.user)
+	cached = _keys.get(ident)
+	if cached is not None and cached[0] == db.password:
+		return cached[1]
+	if len(_keys) > 4096:  # a few per site in practice; never unbounded
+		_keys.clear()
+	key = PoolKey.make(*ident, db.password)
+	_keys[ident] = (db.password, key)
 	return key
 
 
@@ -98,13 +101,25 @@ def get_connection(wrapped, instance, args, kwargs):
 		return wrapped(*args, **kwargs)
 
 	def connect():
-		_connect_options.value = {
+		global _keepalive_failed
+		options = {
 			"application_name": application_name(site),
 			"connect_timeout": config.connect_timeout,  # Frappe's DSN has none: libpq would wait forever
-			**_KEEPALIVE,  # a kept connection notices a silent network loss
 		}
 		try:
-			return wrapped(*args, **kwargs)
+			# a kept connection notices a silent network loss
+			_connect_options.value = options if _keepalive_failed else {**options, **_KEEPALIVE}
+			try:
+				return wrapped(*args, **kwargs)
+			except psycopg2.OperationalError as e:
+				if _keepalive_failed or ("setsockopt" not in str(e) and "socket option" not in str(e)):
+					raise
+				_keepalive_failed = True  # a kernel without these TCP options: never worse than plain Frappe
+				log.warning(
+					"frappe_pgpool: TCP keepalive options refused here (%s); connecting without them", e
+				)
+				_connect_options.value = options
+				return wrapped(*args, **kwargs)
 		finally:
 			_connect_options.value = None
 

@@ -537,8 +537,8 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 	conn = reg.getconn(keys[0], config, connect[keys[0]])
 	assert conn.cursor_factory is None  # plain psycopg2: nothing installed on a connection not kept
 	with conn.cursor() as cur:
-		cur.execute("SELECT 1")
-	conn.commit()
+		cur.execute("SELECT 1")  # the transaction is left open, as Frappe leaves it: no rollback follows
+	not_reused = reg.snapshot()["not_reused"]
 	with reg._budget.lock:  # the traffic concentrated meanwhile: keeping pays again
 		reg._budget.recent.clear()
 		reg._budget.recent_hits = 0
@@ -548,6 +548,8 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 	assert conn.closed
 	assert int(bouncer.stats("app1")["total_query_count"]) == before  # no rollback, no reset
 	assert reg.snapshot()["open"] == 0
+	assert reg.snapshot()["not_reused"] == not_reused + 1  # closed on purpose, not a reset that failed
+	assert "reset_failed" not in reg.pools()[keys[0]].snapshot()["closed"]
 	kept = reg.getconn(keys[0], config, connect[keys[0]])  # opened while keeping: tracked, then kept
 	assert kept.cursor_factory is not None
 	reg.putconn(kept)
@@ -556,7 +558,8 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 
 def test_pooled_connections_notice_a_silent_network_loss(bouncer):
 	"""keepalive_options are libpq options (set in C while connecting, nothing per connection in Python):
-	keepalives after 30 s idle, and a statement sent into a silent network fails after 60 s."""
+	keepalives after 30 s idle, 3 probes 10 s apart, and TCP_USER_TIMEOUT 60 s on the socket.
+	tests/frappe/test_e2e.py checks that a pooled connection of the real bench gets them."""
 	import socket
 
 	from frappe_pgpool.pool.connection import keepalive_options

@@ -234,3 +234,43 @@ def test_background_jobs(env, shape):
 	else:
 		assert 1 <= logins <= 2  # one per pool worker that took jobs, for all 500 jobs
 	assert left <= 1 + 2  # nothing leaks: at most the idle one
+
+
+KEEPALIVE_SCRIPT = """
+import socket
+import frappe
+from frappe_pgpool.pool import registry
+
+frappe.init(site=SITE, sites_path=".")
+frappe.connect()
+frappe.db.sql("SELECT 1")
+conn = frappe.db._conn
+sock = socket.socket(fileno=os.dup(conn.fileno()))
+options = {
+    "pooled": registry.owns(conn),
+    "family": sock.family.name,
+    "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+    "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+    "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    "user_timeout_ms": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+}
+sock.close()
+frappe.destroy()
+out(options)
+"""
+
+
+def test_pooled_connections_get_tcp_keepalives(env):
+	"""A pooled connection of the real bench, through pgBouncer over TCP, carries the keepalive options
+	(libpq's, passed by the psycopg2.connect wrapper): a silent network loss is noticed in about a minute."""
+	(options,) = run_in_bench(KEEPALIVE_SCRIPT)
+	assert options == {
+		"pooled": True,
+		"family": "AF_INET",
+		"keepalive": 1,
+		"idle": 30,
+		"interval": 10,
+		"count": 3,
+		"user_timeout_ms": 60000,
+	}
