@@ -573,8 +573,7 @@ class ConnectionPool:
 				budget.waiters.remove(waiter)
 				waiter.error = PoolClosed(f"frappe_pgpool: pool {self.name} was closed")
 				waiter.event.set()
-			if self in budget.pools:
-				budget.pools.remove(self)
+			budget.forget(self)
 		self._close_records(stale)
 
 	def disown_all(self) -> None:
