@@ -182,6 +182,28 @@ def test_eviction_spares_the_busiest_site_even_when_it_returned_first(bouncer, r
 	assert reg.pools()[hot].snapshot()["evictions"] == {}
 
 
+def test_eviction_takes_a_busy_sites_spare_before_a_quiet_sites_only_connection(bouncer, reg):
+	"""A burst left the busiest site two idle connections; LIFO hands out the newer one, so the older is a
+	spare: it goes before the one connection a quieter site has."""
+	config = PoolConfig(size=3, timeout=1)
+	hot, cold, other = sites(bouncer, 3, "spare")
+	connects = {k: named_factory(bouncer, "budget-spare", k.user) for k in (hot, cold, other)}
+
+	def get(key):
+		return reg.getconn(key, config, connects[key], process_budget=3)
+
+	first, second = get(hot), get(hot)  # a burst: two at once
+	reg.putconn(first)
+	reg.putconn(second)
+	for _ in range(4):
+		reg.putconn(get(hot))  # the newer one, each time
+	conn_cold = get(cold)
+	reg.putconn(conn_cold)
+	conn_other = get(other)  # the budget (3) is used up
+	assert first.closed and not second.closed and not conn_cold.closed
+	reg.putconn(conn_other)
+
+
 def test_a_site_served_again_reuses_its_idle_connection_without_eviction(bouncer, reg):
 	config = PoolConfig(size=2, timeout=1)
 	a, b = sites(bouncer, 2, "reuse")

@@ -12,8 +12,9 @@ pools:
 - a number N: at most N connections; when all N are in use, callers wait in arrival order, across pools.
 
 When a connection must be opened and the budget is used up, an idle connection of another pool is closed
-to make room (an eviction, reason "budget"); one in use never is. The one closed is that of the pool least
-used over the last REUSE_WINDOW checkouts, the least recently returned among equals: under skewed traffic
+to make room (an eviction, reason "budget"); one in use never is. The one closed is a spare (a pool's older
+idle connection, which LIFO would hand out last), else that of the pool least used over the last
+REUSE_WINDOW checkouts, the least recently returned among equals: under skewed traffic
 the busiest sites keep their connections (simulated, Zipf s=1.1 over 20 sites, 4 kept: 57% of checkouts
 hit, against 45% when the least recently used one goes).
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 # Keeping a connection pays only if it is used again: each miss then costs the return's rollback and
 # reset, and an eviction, on top of the login plain Frappe pays anyway. A checkout "would hit" when its
 # pool was among the last `limit` pools to return a connection (what keeping them would have served, were
-# the least recently used evicted; evicting the least used instead hits at least as often on skewed traffic).
+# the least recently used evicted; evicting the least used instead hit more often in benchmarks/eviction.py).
 # Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
 # Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
 # traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 5-12%.
@@ -138,15 +139,17 @@ class ProcessBudget:
 		return pool._total() < pool.config.size and not self.has_room()
 
 	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, _Record] | None:
-		"""The idle connection to evict, of any pool but `exclude`, with its pool: that of the pool least used
-		lately, and of those the least recently returned."""
+		"""The idle connection to evict, of any pool but `exclude`, with its pool: a spare (a pool's older idle
+		connection), else that of the pool least used lately; among equals the least recently returned."""
 		best = None
 		best_rank: tuple[int, float] | None = None
 		for pool in self.pools:
 			if pool is exclude or not pool._idle:
 				continue
 			record = pool._idle[0]  # each pool's idle list is in return order: oldest first
-			rank = (self.uses.get(pool, 0), record.returned_at)
+			# a spare (its pool has a newer one idle, which LIFO hands out first) is as cold as it gets
+			uses = 0 if len(pool._idle) > 1 else self.uses.get(pool, 0)
+			rank = (uses, record.returned_at)
 			if best_rank is None or rank < best_rank:
 				best, best_rank = (pool, record), rank
 		return best
@@ -155,6 +158,8 @@ class ProcessBudget:
 		"""A closed pool: no longer among the pools nor in the usage counts (they hold no closed pool)."""
 		if pool in self.pools:
 			self.pools.remove(pool)
+		if pool in self.returned:
+			self.returned.remove(pool)
 		if pool in self.uses:
 			self.used = deque((p for p in self.used if p is not pool), maxlen=REUSE_WINDOW)
 			del self.uses[pool]
