@@ -623,3 +623,22 @@ def test_pooled_connections_notice_a_silent_network_loss(bouncer):
 			sock.close()
 	finally:
 		conn.close()
+
+
+def test_would_hit_counts_only_the_connections_that_could_be_idle():
+	"""The reuse gate's estimate on a gthread worker: with 3 of its 4 budget slots held by running
+	requests, only the pool that returned last could have an idle connection for this checkout."""
+	from frappe_pgpool.pool.budget import ProcessBudget
+
+	budget = ProcessBudget(setting=4)
+	a, b, c, d = object(), object(), object(), object()
+	for pool in (a, b, c, d):
+		budget.note_return(pool)  # returned in that order: d last
+	budget.active = 1  # this checkout alone
+	budget.note_checkout(a)
+	assert budget.recent[-1] is True  # four could be idle: a's would serve
+	budget.active = 3  # two other requests running: two could be idle (c's, d's)
+	budget.note_checkout(b)
+	assert budget.recent[-1] is False
+	budget.note_checkout(c)
+	assert budget.recent[-1] is True

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
 
 # Keeping a connection pays only if it is used again: each miss then costs the return's rollback and
 # reset, and an eviction, on top of the login plain Frappe pays anyway. A checkout "would hit" when its
-# pool was among the last `limit` pools to return a connection (what keeping them would have served, were
-# the least recently used evicted; evicting the least used instead hit more often in benchmarks/eviction.py).
+# pool was among the last pools to return a connection, as many as could be idle then: the limit less the
+# other checkouts running (what keeping them would have served, were the least recently used evicted;
+# evicting the least used instead hit more often in benchmarks/eviction.py).
 # Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
 # Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
 # traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 5-12%.
@@ -106,7 +108,10 @@ class ProcessBudget:
 				del self.uses[oldest]
 		self.used.append(pool)
 		self.uses[pool] += 1
-		would_hit = pool in self.returned
+		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
+		# threads hold theirs), so only that many of the pools that returned last could serve this one.
+		room = max(1, (self.limit() or 1) - (self.active - 1))
+		would_hit = pool in islice(reversed(self.returned), room)
 		if len(self.recent) == self.recent.maxlen:
 			self.recent_hits -= self.recent[0]
 		self.recent.append(would_hit)
