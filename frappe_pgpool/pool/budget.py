@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 # evicting the least used instead hit more often in benchmarks/eviction.py).
 # Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
 # Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
-# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 5-12%.
+# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 0-4% (sites.md).
 REUSE_WINDOW = 64
 REUSE_WARMUP = 16  # checkouts before the rate counts: a process keeps from its first request
 REUSE_MIN_RATE = 0.25
