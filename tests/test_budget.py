@@ -156,7 +156,9 @@ def test_eviction_closes_the_lru_idle_connection_of_another_site_never_one_in_us
 	assert snap["evictions"] == 2
 	for conn in (conn_a, conn_b, conn_d):
 		reg.putconn(conn)
-	wait_for(lambda: bouncer_clients(bouncer, app) == 3)
+	# neither checkout since the first return could have hit: keeping does not pay, returns close
+	assert reg.snapshot()["keeping"] is False
+	wait_for(lambda: bouncer_clients(bouncer, app) == 0)
 
 
 def test_eviction_spares_the_busiest_site_even_when_it_returned_first(bouncer, reg):
@@ -211,9 +213,12 @@ def test_a_site_served_again_reuses_its_idle_connection_without_eviction(bouncer
 	for _ in range(50):
 		for key in (a, b):
 			reg.putconn(reg.getconn(key, config, connects[key], process_budget=2))
+	# b's first checkout was the first with evidence, a miss: its connection was not kept (b's second
+	# was a miss too); from then on half the checkouts would hit and both sites keep theirs
+	expected = {a: (1, 49, {}), b: (2, 48, {})}
 	for key in (a, b):
 		snap = reg.pools()[key].snapshot()
-		assert (snap["misses"], snap["hits"], snap["evictions"]) == (1, 49, {})
+		assert (snap["misses"], snap["hits"], snap["evictions"]) == expected[key]
 
 
 # -- waiting at a numeric budget ---------------------------------------------------------------------
@@ -376,6 +381,9 @@ def test_auto_sync_worker_serving_many_sites_keeps_one_connection(bouncer, clust
 	keys = sites(bouncer, 20, "sync")
 	connects = {k: named_factory(bouncer, app, k.user) for k in keys}
 	most_clients = 0
+	queries = int(bouncer.stats("app1")["total_query_count"]) + int(
+		bouncer.stats("app2")["total_query_count"]
+	)
 	for i in range(60):
 		key = keys[i % len(keys)]
 		conn = reg.getconn(key, config, connects[key])
@@ -383,11 +391,20 @@ def test_auto_sync_worker_serving_many_sites_keeps_one_connection(bouncer, clust
 		most_clients = max(most_clients, bouncer_clients(bouncer, app))
 		reg.putconn(conn)
 	assert most_clients == 1  # plain Frappe: one connection at a time, too
-	# past the warm-up keeping does not pay (no checkout would hit): returns close, as plain Frappe's do
+	# keeping does not pay (no checkout would hit): returns close, as plain Frappe's do
 	wait_for(lambda: bouncer_clients(bouncer, app) == 0 and server_backends(cluster, app) == 0)
 	snap = reg.snapshot()
 	assert (snap["process_budget"], snap["peak"], snap["open"], snap["active"]) == ("auto", 1, 0, 0)
-	assert snap["evictions"] + snap["not_reused"] == 60 and snap["evictions"] >= 15
+	# ... from the second checkout on, the first to show it: only the process's first connection, kept
+	# while nothing said otherwise, costs a return's rollback and reset and an eviction
+	assert (snap["evictions"], snap["not_reused"]) == (1, 59)
+	queries = (
+		int(bouncer.stats("app1")["total_query_count"])
+		+ int(bouncer.stats("app2")["total_query_count"])
+		- queries
+	)
+	# psycopg2's BEGIN and the SELECT per checkout, then one rollback, one reset and one eviction's BEGIN
+	assert queries == 2 * 60 + 3, queries
 
 
 def test_auto_single_site_reuses_one_connection_with_no_eviction(bouncer, reg):
@@ -403,6 +420,37 @@ def test_auto_single_site_reuses_one_connection_with_no_eviction(bouncer, reg):
 	assert snap["closed"] == {}
 	budget = reg.snapshot()
 	assert (budget["peak"], budget["open"], budget["evictions"]) == (1, 1, 0)
+
+
+def test_a_burst_of_first_checkouts_on_one_site_keeps_them_all(bouncer, reg):
+	"""A gthread worker's first requests arrive together: no return has happened yet, so nothing says
+	keeping does not pay; each connection opened is kept and the worker logs in once per thread."""
+	config = PoolConfig(size=4, timeout=5)
+	key = key_for(bouncer=bouncer, site="burst.local")
+	connect = named_factory(bouncer, "budget-burst")
+	logins = bouncer.logins("app1")
+	together = threading.Barrier(4)
+	errors: list[BaseException] = []
+
+	def thread() -> None:
+		try:
+			conn = reg.getconn(key, config, connect)
+			together.wait(5)  # all four held at once
+			reg.putconn(conn)
+			for _ in range(50):
+				reg.putconn(reg.getconn(key, config, connect))
+		except BaseException as e:
+			errors.append(e)
+
+	threads = [threading.Thread(target=thread) for _ in range(4)]
+	for t in threads:
+		t.start()
+	for t in threads:
+		t.join(20)
+	assert not errors
+	assert bouncer.logins("app1") - logins == 4
+	snap = reg.snapshot()
+	assert (snap["peak"], snap["open"], snap["evictions"], snap["not_reused"]) == (4, 4, 0, 0)
 
 
 def test_auto_never_keeps_more_than_the_peak_of_concurrent_checkouts(bouncer, cluster, reg):
@@ -530,13 +578,17 @@ def test_an_evicted_connection_takes_its_pgbouncer_server_with_it(cluster, reg):
 	with PgBouncer(cluster, users=USERS) as bouncer:  # its own: no servers left by other tests
 		keys = [key_for("app1", bouncer=bouncer), key_for("app2", bouncer=bouncer)]
 		factories = [named_factory(bouncer, "evict-drop"), named_factory(bouncer, "evict-drop", user="app2")]
-		for i in range(6):  # app1, app2, app1, ...: each checkout evicts the other site's connection
-			conn = reg.getconn(keys[i % 2], config, factories[i % 2])
+		# app1 three times, then app2: half the checkouts hit, so connections are kept, and each change
+		# of site evicts the other site's connection
+		for i in [0, 0, 0, 1] * 3:
+			conn = reg.getconn(keys[i], config, factories[i])
 			backend_pid(conn)
 			reg.putconn(conn)
+		assert reg.snapshot()["keeping"] is True
 		time.sleep(0.3)
 		servers = [s for s in bouncer.admin("SHOW SERVERS") if s["database"] in ("app1", "app2")]
-	assert reg.pools()[keys[0]].snapshot()["evictions"].get("budget", 0) >= 2
+	assert reg.pools()[keys[0]].snapshot()["evictions"].get("budget", 0) == 3
+	assert reg.pools()[keys[1]].snapshot()["evictions"].get("budget", 0) == 2
 	assert len(servers) == 1, servers  # only the connection the process keeps; none left per site
 
 
