@@ -187,6 +187,12 @@ _METRICS = (
 	("frappe_pgpool_misses_total", "counter", "Checkouts that had to open a connection.", "misses"),
 	("frappe_pgpool_evictions_total", "counter", "Idle connections evicted, by reason.", None),
 	(
+		"frappe_pgpool_reuse_rate",
+		"gauge",
+		"Share of the pool's last 16 checkouts a kept connection would have served; under 0.25 none is kept.",
+		"reuse_rate",
+	),
+	(
 		"frappe_pgpool_connect_errors_total",
 		"counter",
 		"Failed attempts to open a connection.",

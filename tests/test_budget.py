@@ -22,6 +22,7 @@ import pytest
 
 from frappe_pgpool.pool import ConfigError, PoolConfig, PoolRegistry, PoolTimeout, parse_config
 from frappe_pgpool.pool.config import parse_process_budget
+from frappe_pgpool.pool.pool import ConnectionPool
 
 from .conftest import USERS, backend_pid, key_for, scalar
 
@@ -620,6 +621,33 @@ def test_connections_are_kept_only_while_keeping_pays(bouncer, reg):
 	print(f"\nround robin over 20 sites: {queries} queries for 80 checkouts; then one site: {snap}")
 
 
+def test_a_busy_site_keeps_its_connection_while_the_spread_ones_are_closed(bouncer, reg):
+	"""Skewed traffic on a sync worker: one site takes a third of the checkouts, two in a row, the rest
+	go round 16 other sites. Over the process a sixth of the checkouts would hit, below the gate's 25%,
+	but half of the busy site's would: the gate decides per site, so the busy site keeps its connection
+	(a hit at every second checkout of it) and the others' are closed on return, as plain Frappe's."""
+	config = PoolConfig(enabled=True, size=2)
+	hot, *cold = sites(bouncer, 17, "per-site")
+	connect = {k: named_factory(bouncer, "per-site", k.user) for k in [hot, *cold]}
+	plan = []
+	for cycle in range(24):
+		plan += [hot, hot, cold[(4 * cycle) % 16], cold[(4 * cycle + 1) % 16], cold[(4 * cycle + 2) % 16]]
+		plan += [cold[(4 * cycle + 3) % 16]]
+	for key in plan:
+		conn = reg.getconn(key, config, connect[key])
+		backend_pid(conn)
+		reg.putconn(conn)
+	snap = reg.snapshot()
+	assert snap["reuse_rate"] < 0.25 and snap["keeping"] is False  # the process as a whole
+	hot_pool = reg.pools()[hot].snapshot()
+	assert hot_pool["keeping"] is True and hot_pool["reuse_rate"] == 0.5
+	assert hot_pool["hits"] >= 20  # the second of each pair, once the evidence was in
+	colds = [reg.pools()[k].snapshot() for k in cold]
+	assert all(c["keeping"] is False and c["hits"] == 0 for c in colds)
+	# every cold connection after the first few was closed on return without a rollback or reset
+	assert sum(c["closed"].get("not_reused", 0) for c in colds) >= 4 * 24 - 8
+
+
 def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain_frappe(bouncer, reg):
 	"""The miss path of spread traffic: opened as the factory made it (no cursor tracker, no settings
 	captured) and closed on return with nothing sent, even if keeping pays again by then: it has nothing
@@ -683,7 +711,7 @@ def test_would_hit_counts_only_the_connections_that_could_be_idle():
 	from frappe_pgpool.pool.budget import ProcessBudget
 
 	budget = ProcessBudget(setting=4)
-	a, b, c, d = object(), object(), object(), object()
+	a, b, c, d = (ConnectionPool(f"site-{n}", PoolConfig(), budget=budget) for n in "abcd")
 	for pool in (a, b, c, d):
 		budget.note_return(pool)  # returned in that order: d last
 	budget.active = 1  # this checkout alone

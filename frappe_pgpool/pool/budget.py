@@ -48,8 +48,15 @@ if TYPE_CHECKING:
 # (or a gthread worker's first burst) on one site keeps its first connections and logs in once each;
 # traffic spread over many sites stops keeping at its second checkout, not after a warm-up of misses
 # (each kept miss costs ~0.4 ms CPU, ~1 ms wall: a rollback, a reset and an eviction).
+# The rate is per site: with skewed traffic the process as a whole may fall below it while its busiest
+# site would hit every second time, and above it while its quiet sites' kept connections are only evicted.
+# A pool decides on its own last POOL_REUSE_WINDOW checkouts once it has POOL_EVIDENCE of them (the
+# process's rate stands in before); a miss it keeps costs a rollback, a reset and an eviction, a hit
+# saves a login (and behind pgBouncer a server), so 25% is about break-even (benchmarks/kept_miss.py).
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
+POOL_REUSE_WINDOW = 16
+POOL_EVIDENCE = 4
 
 
 class ProcessBudget:
@@ -122,6 +129,10 @@ class ProcessBudget:
 			self.recent_hits -= self.recent[0]
 		self.recent.append(would_hit)
 		self.recent_hits += would_hit
+		if len(pool.reuse) == pool.reuse.maxlen:
+			pool.reuse_hits -= pool.reuse[0]
+		pool.reuse.append(would_hit)
+		pool.reuse_hits += would_hit
 
 	def note_return(self, pool: ConnectionPool) -> None:
 		if pool in self.returned:
@@ -130,10 +141,12 @@ class ProcessBudget:
 		while len(self.returned) > max(1, self.limit() or 1):
 			self.returned.popleft()
 
-	def reuse_pays(self) -> bool:
-		"""Whether connections are worth keeping now (see REUSE_MIN_RATE)."""
+	def reuse_pays(self, pool: ConnectionPool | None = None) -> bool:
+		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.bounded or not self.recent:
 			return True
+		if pool is not None and len(pool.reuse) >= POOL_EVIDENCE:
+			return pool.reuse_hits >= REUSE_MIN_RATE * len(pool.reuse)
 		return self.recent_hits >= REUSE_MIN_RATE * len(self.recent)
 
 	def has_room(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import psycopg2.extensions as ext
 
-from .budget import ProcessBudget
+from .budget import POOL_REUSE_WINDOW, ProcessBudget
 from .config import PoolConfig
 from .connection import (
 	Retire,
@@ -122,6 +122,9 @@ class ConnectionPool:
 		self._opening = 0  # slots reserved by callers that are connecting right now
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
+		# would-hit of this pool's last checkouts: its own reuse gate (see budget.POOL_REUSE_WINDOW)
+		self.reuse: deque[bool] = deque(maxlen=POOL_REUSE_WINDOW)
+		self.reuse_hits = 0
 		with self._lock:
 			self._budget.pools.append(self)
 
@@ -338,7 +341,7 @@ class ConnectionPool:
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
-		keeping = self._budget.reuse_pays()  # read without the lock: a stale answer only costs a close
+		keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer only costs a close
 		try:
 			conn = connect()
 			defaults = poller = None
@@ -396,7 +399,7 @@ class ConnectionPool:
 			budget = self._budget
 			budget.note_return(self)
 			# kept only while keeping pays, or when a caller of this pool is waiting for it
-			keep = budget.reuse_pays() or any(w.pool is self for w in budget.waiters)
+			keep = budget.reuse_pays(self) or any(w.pool is self for w in budget.waiters)
 		forked = os.getpid() != self.pid
 		try:
 			if leaks:
@@ -634,6 +637,8 @@ class ConnectionPool:
 				"wait_seconds_p95": _percentile(waits, 0.95),
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
+				"reuse_rate": round(self.reuse_hits / len(self.reuse), 3) if self.reuse else None,
+				"keeping": self._budget.reuse_pays(self),
 			}
 
 
