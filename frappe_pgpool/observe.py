@@ -189,7 +189,7 @@ _METRICS = (
 	(
 		"frappe_pgpool_reuse_rate",
 		"gauge",
-		"Share of the pool's last 16 checkouts a kept connection would have served; under 0.25 none is kept.",
+		"Share of the pool's last checkouts a kept connection would have served (the reuse gate's evidence).",
 		"reuse_rate",
 	),
 	(

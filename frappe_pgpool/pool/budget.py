@@ -46,17 +46,17 @@ if TYPE_CHECKING:
 # The gate opens on evidence: checkouts before the process's first return could not hit whatever was
 # kept, so they are not counted, and only while nothing is counted does it keep by default. A worker
 # (or a gthread worker's first burst) on one site keeps its first connections and logs in once each;
-# traffic spread over many sites stops keeping at its second checkout, not after a warm-up of misses
-# (each kept miss costs ~0.4 ms CPU, ~1 ms wall: a rollback, a reset and an eviction).
-# The rate is per site: with skewed traffic the process as a whole may fall below it while its busiest
-# site would hit every second time, and above it while its quiet sites' kept connections are only evicted.
-# A pool decides on its own last POOL_REUSE_WINDOW checkouts once it has POOL_EVIDENCE of them (the
-# process's rate stands in before); a miss it keeps costs a rollback, a reset and an eviction, a hit
-# saves a login (and behind pgBouncer a server), so 25% is about break-even (benchmarks/kept_miss.py).
+# traffic spread over many sites stops keeping at its second checkout, not after a warm-up of kept
+# misses (each ~0.3 ms CPU and ~0.9 ms wall more than a closed one: benchmarks/kept_miss.py).
+# The rate is also per site: with skewed traffic the process as a whole may fall below it while its
+# busiest site would hit every second time, or rise above it while its quiet sites' kept connections are
+# only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
+# a quieter one follows the process. A pool absent from the process's last REUSE_WINDOW checkouts starts
+# its evidence again: a site that was busy once does not keep on what it did then.
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
 POOL_REUSE_WINDOW = 16
-POOL_EVIDENCE = 4
+POOL_EVIDENCE = 8
 
 
 class ProcessBudget:
@@ -117,22 +117,27 @@ class ProcessBudget:
 			self.uses[oldest] -= 1
 			if not self.uses[oldest]:
 				del self.uses[oldest]
+		if pool not in self.uses:  # not seen for REUSE_WINDOW checkouts: its own evidence is stale
+			pool._reuse.clear()
+			pool._reuse_hits = 0
 		self.used.append(pool)
 		self.uses[pool] += 1
-		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
-		# threads hold theirs), so only that many of the pools that returned last could serve this one.
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
+		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
+		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
+		# the pools that returned last, not counting those busy again, could serve this one.
 		room = max(1, (self.limit() or 1) - (self.active - 1))
-		would_hit = pool in islice(reversed(self.returned), room)
+		candidates = (p for p in reversed(self.returned) if p is pool or not p._in_use)
+		would_hit = pool in islice(candidates, room)
 		if len(self.recent) == self.recent.maxlen:
 			self.recent_hits -= self.recent[0]
 		self.recent.append(would_hit)
 		self.recent_hits += would_hit
-		if len(pool.reuse) == pool.reuse.maxlen:
-			pool.reuse_hits -= pool.reuse[0]
-		pool.reuse.append(would_hit)
-		pool.reuse_hits += would_hit
+		if len(pool._reuse) == pool._reuse.maxlen:
+			pool._reuse_hits -= pool._reuse[0]
+		pool._reuse.append(would_hit)
+		pool._reuse_hits += would_hit
 
 	def note_return(self, pool: ConnectionPool) -> None:
 		if pool in self.returned:
@@ -145,8 +150,8 @@ class ProcessBudget:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.bounded or not self.recent:
 			return True
-		if pool is not None and len(pool.reuse) >= POOL_EVIDENCE:
-			return pool.reuse_hits >= REUSE_MIN_RATE * len(pool.reuse)
+		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
+			return pool._reuse_hits >= REUSE_MIN_RATE * len(pool._reuse)
 		return self.recent_hits >= REUSE_MIN_RATE * len(self.recent)
 
 	def has_room(self) -> bool:

@@ -122,9 +122,9 @@ class ConnectionPool:
 		self._opening = 0  # slots reserved by callers that are connecting right now
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
-		# would-hit of this pool's last checkouts: its own reuse gate (see budget.POOL_REUSE_WINDOW)
-		self.reuse: deque[bool] = deque(maxlen=POOL_REUSE_WINDOW)
-		self.reuse_hits = 0
+		# would-hit of this pool's last checkouts, kept by the budget: its own reuse gate (budget.py)
+		self._reuse: deque[bool] = deque(maxlen=POOL_REUSE_WINDOW)
+		self._reuse_hits = 0
 		with self._lock:
 			self._budget.pools.append(self)
 
@@ -637,7 +637,7 @@ class ConnectionPool:
 				"wait_seconds_p95": _percentile(waits, 0.95),
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
-				"reuse_rate": round(self.reuse_hits / len(self.reuse), 3) if self.reuse else None,
+				"reuse_rate": round(self._reuse_hits / len(self._reuse), 3) if self._reuse else None,
 				"keeping": self._budget.reuse_pays(self),
 			}
 

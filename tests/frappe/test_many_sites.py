@@ -158,7 +158,7 @@ steps["D timed out"] = dict(registry.snapshot(), clients=clients())
 e1 = Holder(E1); e1.start(); until(lambda: registry.snapshot()["waiting"] == 1)
 e2 = Holder(E2); e2.start(); until(lambda: registry.snapshot()["waiting"] == 2)
 steps["E1, E2 waiting"] = dict(registry.snapshot(), clients=clients())
-a.release.set(); a.join(30); e1.got.wait(30)  # A returns: its idle connection is evicted for E1, first in line
+a.release.set(); a.join(30); e1.got.wait(30)  # A returns: its slot goes to E1, first in line
 until(lambda: registry.snapshot()["waiting"] == 1)
 steps["E1 served"] = dict(registry.snapshot(), clients=clients(), E2_served=e2.got.is_set())
 b.release.set(); b.join(30); e2.got.wait(30)
@@ -294,7 +294,7 @@ def test_sync_workers_over_many_sites_hold_one_connection_each_without_pgbouncer
 		f"\nsync x2 direct, 400 pings over {len(ALL)} sites: most sockets to PostgreSQL per worker {sockets}, "
 		f"backends per worker {sampler.peak_by_pid('backends_by_pid')} ({len(samples)} samples)"
 	)
-	# at most one each; round robin over 13 sites no checkout would hit, so past the warm-up the workers
+	# at most one each; round robin over 13 sites no checkout would hit, so from their second on the workers
 	# close on return as plain Frappe does (budget "keeping" false) and may hold none between requests
 	assert set(sockets) <= pids and all(n <= 1 for n in sockets.values()), sockets
 	for pid in pids:
