@@ -680,7 +680,7 @@ def test_a_replica_opened_inside_a_request_is_kept_and_reused(bouncer, reg):
 
 def test_a_site_decides_on_its_own_checkouts_once_it_has_enough_of_them(bouncer, reg):
 	"""Under the per-site evidence (8 of its own last 16 checkouts) a site follows the process's rate; with
-	it, its own; and a site absent from the process's last 64 checkouts starts its evidence again."""
+	it, its own. A site seldom served keeps its misses however long it was absent."""
 	from frappe_pgpool.pool.budget import POOL_EVIDENCE, REUSE_WINDOW
 
 	config = PoolConfig(enabled=True, size=2)
@@ -701,8 +701,37 @@ def test_a_site_decides_on_its_own_checkouts_once_it_has_enough_of_them(bouncer,
 	assert rare_pool["reuse_rate"] == 0.0
 	for _ in range(REUSE_WINDOW):
 		serve(busy)
-	serve(rare)  # absent for REUSE_WINDOW checkouts: what it did then no longer decides
-	assert reg.pools()[rare].snapshot()["keeping"] is True
+	serve(rare)  # long absent, but its misses still count: it does not follow the busy process
+	assert reg.snapshot()["keeping"] is True and reg.pools()[rare].snapshot()["keeping"] is False
+
+
+def test_a_site_busy_once_starts_its_evidence_again_after_an_absence(bouncer, reg):
+	"""Its hits then say nothing of now: once the process has served REUSE_WINDOW - 1 other checkouts,
+	the site follows the process's rate again until it has new evidence of its own."""
+	from frappe_pgpool.pool.budget import REUSE_WINDOW
+
+	config = PoolConfig(enabled=True, size=2)
+	former, *spread = sites(bouncer, 17, "absence")
+	connect = {k: named_factory(bouncer, "absence", k.user) for k in [former, *spread]}
+	turn = iter(range(10_000))
+
+	def serve(key):
+		reg.putconn(reg.getconn(key, config, connect[key]))
+
+	def serve_spread(n):  # round robin over 16 sites: no checkout would hit
+		for _ in range(n):
+			serve(spread[next(turn) % 16])
+
+	for _ in range(10):
+		serve(former)  # 9 would hit: its own rate decides, and keeps
+	serve_spread(REUSE_WINDOW - 2)
+	assert reg.snapshot()["keeping"] is False  # the process: almost nothing would hit lately
+	serve(former)  # among the process's last REUSE_WINDOW - 1 checkouts: its evidence holds
+	assert reg.pools()[former].snapshot()["keeping"] is True
+	serve_spread(REUSE_WINDOW - 1)
+	serve(former)  # not among them: started again, one miss of its own, so the process decides
+	former_pool = reg.pools()[former].snapshot()
+	assert (former_pool["reuse_rate"], former_pool["keeping"]) == (0.0, False)
 
 
 def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain_frappe(bouncer, reg):

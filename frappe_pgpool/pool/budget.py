@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 # The rate is also per site: with skewed traffic the process as a whole may fall below it while its
 # busiest site would hit every second time, or rise above it while its quiet sites' kept connections are
 # only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
-# a quieter one follows the process. A pool absent from the process's last REUSE_WINDOW checkouts starts
-# its evidence again: a site that was busy once does not keep on what it did then.
+# a quieter one follows the process. A pool with hits that is absent from the process's last
+# REUSE_WINDOW checkouts starts its evidence again: a site busy once does not keep on what it did then.
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
 POOL_REUSE_WINDOW = 16
@@ -117,7 +117,9 @@ class ProcessBudget:
 			self.uses[oldest] -= 1
 			if not self.uses[oldest]:
 				del self.uses[oldest]
-		if pool not in self.uses:  # not seen for REUSE_WINDOW checkouts: its own evidence is stale
+		if pool not in self.uses and pool._reuse_hits:
+			# busy once, not seen for REUSE_WINDOW checkouts: its hits are stale (its misses are not: a
+			# site seldom served keeps counting them, or it would follow a busy process into kept misses)
 			pool._reuse.clear()
 			pool._reuse_hits = 0
 		self.used.append(pool)
@@ -126,9 +128,9 @@ class ProcessBudget:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
-		# the pools that returned last, not counting those busy again, could serve this one.
+		# the pools that returned last could serve this one, not counting those busy again with nothing idle.
 		room = max(1, (self.limit() or 1) - (self.active - 1))
-		candidates = (p for p in reversed(self.returned) if p is pool or not p._in_use)
+		candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
 		would_hit = pool in islice(candidates, room)
 		if len(self.recent) == self.recent.maxlen:
 			self.recent_hits -= self.recent[0]
