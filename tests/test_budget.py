@@ -752,10 +752,8 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 	not_reused = reg.snapshot()["not_reused"]
 	with reg._budget.lock:  # the traffic concentrated meanwhile: keeping pays again
 		reg._budget.recent.clear()
-		reg._budget.recent_hits = 0
 		pool = reg.pools()[keys[0]]
 		pool._reuse.clear()
-		pool._reuse_hits = 0
 	assert reg.snapshot()["keeping"] is True
 	before = int(bouncer.stats("app1")["total_query_count"])
 	reg.putconn(conn)
@@ -805,9 +803,9 @@ def test_would_hit_counts_only_the_connections_that_could_be_idle():
 		budget.note_return(pool)  # returned in that order: d last
 	budget.active = 1  # this checkout alone
 	budget.note_checkout(a)
-	assert budget.recent[-1] is True  # four could be idle: a's would serve
+	assert budget.recent.outcomes[-1] is True  # four could be idle: a's would serve
 	budget.active = 3  # two other requests running: two could be idle (c's, d's)
 	budget.note_checkout(b)
-	assert budget.recent[-1] is False
+	assert budget.recent.outcomes[-1] is False
 	budget.note_checkout(c)
-	assert budget.recent[-1] is True
+	assert budget.recent.outcomes[-1] is True

@@ -59,6 +59,35 @@ POOL_REUSE_WINDOW = 16
 POOL_EVIDENCE = 8
 
 
+class HitWindow:
+	"""Would-hit outcomes of the last checkouts (a process's, or one pool's), their hits counted in step."""
+
+	__slots__ = ("hits", "outcomes")
+
+	def __init__(self, size: int) -> None:
+		self.outcomes: deque[bool] = deque(maxlen=size)
+		self.hits = 0
+
+	def __len__(self) -> int:
+		return len(self.outcomes)
+
+	def add(self, hit: bool) -> None:
+		if len(self.outcomes) == self.outcomes.maxlen:
+			self.hits -= self.outcomes[0]
+		self.outcomes.append(hit)
+		self.hits += hit
+
+	def clear(self) -> None:
+		self.outcomes.clear()
+		self.hits = 0
+
+	def pays(self) -> bool:
+		return self.hits >= REUSE_MIN_RATE * len(self.outcomes)
+
+	def rate(self) -> float | None:
+		return round(self.hits / len(self.outcomes), 3) if self.outcomes else None
+
+
 class ProcessBudget:
 	def __init__(self, setting: int | None = None, bounded: bool = True) -> None:
 		self.lock = threading.Lock()
@@ -79,8 +108,7 @@ class ProcessBudget:
 		# waited for a connection only it can give back (a request holding the primary opening a replica)
 		self.overdrafts = 0
 		# the reuse gate (see REUSE_MIN_RATE)
-		self.recent: deque[bool] = deque(maxlen=REUSE_WINDOW)  # would-hit of the last checkouts
-		self.recent_hits = 0  # how many of `recent` are True
+		self.recent = HitWindow(REUSE_WINDOW)  # would-hit of the process's last checkouts
 		self.returned: deque[ConnectionPool] = deque()  # pools that returned last, newest last
 		self.used: deque[ConnectionPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
 		self.uses: Counter[ConnectionPool] = Counter()  # how often each pool is in `used`
@@ -117,11 +145,10 @@ class ProcessBudget:
 			self.uses[oldest] -= 1
 			if not self.uses[oldest]:
 				del self.uses[oldest]
-		if pool not in self.uses and pool._reuse_hits:
+		if pool not in self.uses and pool._reuse.hits:
 			# busy once, not seen for REUSE_WINDOW checkouts: its hits are stale (its misses are not: a
 			# site seldom served keeps counting them, or it would follow a busy process into kept misses)
 			pool._reuse.clear()
-			pool._reuse_hits = 0
 		self.used.append(pool)
 		self.uses[pool] += 1
 		if not self.returned:
@@ -132,14 +159,8 @@ class ProcessBudget:
 		room = max(1, (self.limit() or 1) - (self.active - 1))
 		candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
 		would_hit = pool in islice(candidates, room)
-		if len(self.recent) == self.recent.maxlen:
-			self.recent_hits -= self.recent[0]
-		self.recent.append(would_hit)
-		self.recent_hits += would_hit
-		if len(pool._reuse) == pool._reuse.maxlen:
-			pool._reuse_hits -= pool._reuse[0]
-		pool._reuse.append(would_hit)
-		pool._reuse_hits += would_hit
+		self.recent.add(would_hit)
+		pool._reuse.add(would_hit)
 
 	def note_return(self, pool: ConnectionPool) -> None:
 		if pool in self.returned:
@@ -153,8 +174,8 @@ class ProcessBudget:
 		if not self.bounded or not self.recent:
 			return True
 		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
-			return pool._reuse_hits >= REUSE_MIN_RATE * len(pool._reuse)
-		return self.recent_hits >= REUSE_MIN_RATE * len(self.recent)
+			return pool._reuse.pays()
+		return self.recent.pays()
 
 	def has_room(self) -> bool:
 		limit = self.limit()
@@ -249,7 +270,7 @@ class ProcessBudget:
 			"budget_waits": self.waits,
 			"budget_timeouts": self.timeouts,
 			"budget_overdrafts": self.overdrafts,
-			"reuse_rate": round(self.recent_hits / len(self.recent), 3) if self.recent else None,
+			"reuse_rate": self.recent.rate(),
 			"keeping": self.reuse_pays(),
 			"not_reused": self.not_reused,
 		}

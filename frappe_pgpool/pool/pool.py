@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import psycopg2.extensions as ext
 
-from .budget import POOL_REUSE_WINDOW, ProcessBudget
+from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget
 from .config import PoolConfig
 from .connection import (
 	Retire,
@@ -123,8 +123,7 @@ class ConnectionPool:
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
 		# would-hit of this pool's last checkouts, kept by the budget: its own reuse gate (budget.py)
-		self._reuse: deque[bool] = deque(maxlen=POOL_REUSE_WINDOW)
-		self._reuse_hits = 0
+		self._reuse = HitWindow(POOL_REUSE_WINDOW)
 		with self._lock:
 			self._budget.pools.append(self)
 
@@ -637,7 +636,7 @@ class ConnectionPool:
 				"wait_seconds_p95": _percentile(waits, 0.95),
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
-				"reuse_rate": round(self._reuse_hits / len(self._reuse), 3) if self._reuse else None,
+				"reuse_rate": self._reuse.rate(),
 				"keeping": self._budget.reuse_pays(self),
 			}
 
