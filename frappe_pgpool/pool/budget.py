@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 # evicting the least used instead hit more often in benchmarks/eviction.py).
 # Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
 # Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
-# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 0-4% (sites.md).
+# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 0-5% (sites.md).
 # The gate opens on evidence: checkouts before the process's first return could not hit whatever was
 # kept, so they are not counted, and only while nothing is counted does it keep by default. A worker
 # (or a gthread worker's first burst) on one site keeps its first connections and logs in once each;
