@@ -768,6 +768,38 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 	assert not kept.closed and reg.snapshot()["open"] == 1
 
 
+def test_the_connect_callable_knows_whether_its_connection_will_be_kept(bouncer, reg):
+	"""The caller's connect() may open a connection that will be closed on return as plain Frappe's is
+	(no application_name, no keepalives: pgBouncer would SET a client's application_name on the server
+	it lends), so it is told, while it runs, whether the pool means to keep what it opens."""
+	from frappe_pgpool.pool import opening_to_keep
+
+	config = PoolConfig(enabled=True, size=2)
+	keys = sites(bouncer, 20, "told")
+	seen: list[bool] = []
+
+	def connect(key):
+		def opened() -> ext.connection:
+			seen.append(opening_to_keep())
+			return named_factory(bouncer, "told", key.user)()
+
+		return opened
+
+	first = reg.getconn(keys[0], config, connect(keys[0]))  # nothing counted yet: kept by default
+	reg.putconn(first)
+	for i in range(1, 40):  # round robin: no checkout would hit, the gate shuts
+		reg.putconn(reg.getconn(keys[i % 20], config, connect(keys[i % 20])))
+	assert seen[0] is True and seen[-1] is False and reg.snapshot()["keeping"] is False
+	assert opening_to_keep() is True  # outside a connect(): the default for any other caller
+	with reg._budget.lock:  # the traffic concentrates: keeping pays again
+		reg._budget.recent.clear()
+		reg.pools()[keys[0]]._reuse.clear()
+	reg.putconn(reg.getconn(keys[0], config, connect(keys[0])))
+	conn = reg.getconn(keys[0], config, connect(keys[0]))  # would hit: opened to be kept
+	reg.putconn(conn)
+	assert seen[-1] is True and not conn.closed
+
+
 def test_pooled_connections_notice_a_silent_network_loss(bouncer):
 	"""keepalive_options are libpq options (set in C while connecting, nothing per connection in Python):
 	keepalives after 30 s idle, 3 probes 10 s apart, and TCP_USER_TIMEOUT 60 s on the socket.

@@ -47,6 +47,19 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # together (a worker's burst at start) do not all expire and reconnect together.
 LIFETIME_JITTER = 0.1
 
+# Set while a pool's connect callable runs: whether the pool means to keep what it opens (see opening_to_keep)
+_opening = threading.local()
+
+
+def opening_to_keep() -> bool:
+	"""For a connect callable: whether the pool means to keep the connection being opened in this thread.
+
+	False when the reuse gate is shut (budget.REUSE_MIN_RATE): the connection is closed on return as plain
+	Frappe closes it, so whatever only a kept connection needs (the caller's application_name, keepalives)
+	can be left out. True outside a connect callable.
+	"""
+	return getattr(_opening, "keep", True)
+
 
 @dataclass(eq=False)
 class _Record:
@@ -342,7 +355,11 @@ class ConnectionPool:
 		"""Open a connection in a slot already reserved by the caller."""
 		keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer only costs a close
 		try:
-			conn = connect()
+			_opening.keep = keeping
+			try:
+				conn = connect()
+			finally:
+				_opening.keep = True
 			defaults = poller = None
 			if keeping:
 				defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")
