@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, parse_config, registry
+from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, opening_to_keep, parse_config, registry
 from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
 from .pool.connection import keepalive_options
 from .publish import Publisher
@@ -26,7 +26,7 @@ _config_cache: dict[str, tuple[str, PoolConfig | None]] = {}
 _config_lock = threading.Lock()
 # id(conn) -> finalizer on the Database that checked it out, detached when it comes back
 _finalizers: dict[int, weakref.finalize] = {}
-# libpq options for the pooled connection this thread is opening right now (see psycopg2_connect)
+# libpq options for the pooled connection this thread is opening right now (connect_options, psycopg2_connect)
 _connect_options = threading.local()
 _KEEPALIVE = keepalive_options()
 _keepalive_failed = False  # libpq could not set them on this system: connections go without, as in Frappe
@@ -102,23 +102,21 @@ def get_connection(wrapped, instance, args, kwargs):
 
 	def connect():
 		global _keepalive_failed
-		options = {
-			"application_name": application_name(site),
-			"connect_timeout": config.connect_timeout,  # Frappe's DSN has none: libpq would wait forever
-		}
+		options = connect_options(site, config, opening_to_keep())
 		try:
-			# a kept connection notices a silent network loss
-			_connect_options.value = options if _keepalive_failed else {**options, **_KEEPALIVE}
+			_connect_options.value = options
 			try:
 				return wrapped(*args, **kwargs)
 			except psycopg2.OperationalError as e:
-				if _keepalive_failed or ("setsockopt" not in str(e) and "socket option" not in str(e)):
+				if "keepalives" not in options or (
+					"setsockopt" not in str(e) and "socket option" not in str(e)
+				):
 					raise
 				_keepalive_failed = True  # a kernel without these TCP options: never worse than plain Frappe
 				log.warning(
 					"frappe_pgpool: TCP keepalive options refused here (%s); connecting without them", e
 				)
-				_connect_options.value = options
+				_connect_options.value = {k: v for k, v in options.items() if k not in _KEEPALIVE}
 				return wrapped(*args, **kwargs)
 		finally:
 			_connect_options.value = None
@@ -136,6 +134,26 @@ def get_connection(wrapped, instance, args, kwargs):
 	# must not keep its slot: discard the connection when the object goes away.
 	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
 	return conn
+
+
+def connect_options(site: str, config: PoolConfig, keep: bool) -> dict[str, object]:
+	"""The libpq options a pooled connection of the site is opened with, on top of Frappe's own.
+
+	connect_timeout always (Frappe's DSN has none: libpq would wait forever). A connection the pool will
+	keep also gets keepalives (it notices a silent network loss while idle) and, in session mode, its
+	application_name. None of that on a connection closed on return as plain Frappe closes it (the reuse
+	gate is shut: `keep` False), and no application_name behind pgBouncer in transaction mode: pgBouncer
+	applies a client's application_name to the server it lends with a SET whenever the server's differs,
+	so a name per worker would cost a round trip per transaction (session mode: per login), which plain
+	Frappe, sending none, does not pay.
+	"""
+	options: dict[str, object] = {"connect_timeout": config.connect_timeout}
+	if keep:
+		if config.pgbouncer_mode == "session":
+			options["application_name"] = application_name(site)
+		if not _keepalive_failed:
+			options.update(_KEEPALIVE)
+	return options
 
 
 def application_name(site: str) -> str:

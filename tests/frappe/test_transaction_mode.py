@@ -81,3 +81,22 @@ def test_writes_commit_and_failures_roll_back(env):
 		failed_write_rolls_back_and_commits_are_seen(
 			web, SITE, env["token"], f"pgpool-tx-{uuid.uuid4().hex[:10]}"
 		)
+
+
+def test_the_server_session_keeps_plain_frappes_application_name(env):
+	"""pgBouncer applies a client's application_name to the server it lends with a SET before the
+	transaction whenever the server's differs: a name per worker would cost a round trip per transaction
+	when workers share servers. Behind transaction mode the pool sends none, as plain Frappe."""
+	token = env["token"]
+	config = read_site_config(SITE)
+	names = {}
+	try:
+		for label, enabled in (("off", 0), ("on", 1)):
+			write_site_config(SITE, {**config, "db_pool_enabled": enabled})
+			with Gunicorn(workers=2) as web:
+				web.hammer([("/api/method/ping", SITE, None)] * 20, concurrency=2)
+				names[label] = {status(web, SITE, token)["application_name"] for _ in range(6)}
+	finally:
+		write_site_config(SITE, config)
+	print(f"\napplication_name on the server, transaction mode: {names}")
+	assert names["on"] == names["off"] and not any(n.startswith("frappe:") for n in names["on"])
