@@ -207,7 +207,10 @@ class Run:
 			logins0 = logins(bouncer, dbs) if bouncer else None
 			sessions0 = backend_sessions(dbs)
 			cpu0 = worker_cpu(web)
-			sampler = Sampler(dbs, bouncer, args.sample)
+			pids = web.worker_pids()
+			port = bouncer.port if bouncer else upstream().port
+			# each worker's own TCP connections (exact per sample; a connection not kept has no application_name)
+			sampler = Sampler(dbs, bouncer, args.sample, sockets=(lambda: pids, port))
 			sampler.start()
 			window = time.time()
 			latencies, errors, elapsed = load(web, calls, clients)
@@ -261,7 +264,7 @@ class Run:
 			"peak_backends": max((s["backends"] for s in samples), default=0),
 			"peak_backends_all": max((s["backends_all"] for s in samples), default=0),
 			"peak_clients_per_process": max(
-				[*(max(s.get("clients_by_pid", {}).values(), default=0) for s in samples), 0]
+				[*(max(s.get("sockets_by_pid", {}).values(), default=0) for s in samples), 0]
 			),
 			"engine": counters,
 			"samples": samples,
@@ -497,8 +500,8 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		f"pgBouncer's connection log; `cl_waiting` = peak of SHOW POOLS sampled every {args.sample:g} s; "
 		"`backends` = peak of PostgreSQL backends of those databases in pg_stat_activity, same samples "
 		"(sampling misses most of plain Frappe's connections, which live a few ms: in `direct` rows it "
-		"understates the pool-off peak, which is one per running request); `per proc` = most pgBouncer "
-		"clients one worker held at once in the samples (SHOW CLIENTS by application_name); `logins` = "
+		"understates the pool-off peak, which is one per running request); `per proc` = most TCP "
+		"connections to pgBouncer (`direct`: to PostgreSQL) one worker held at once in the samples (/proc); `logins` = "
 		"pgBouncer client logins per 1000 pings (`direct`: new backends, from pg_stat_database.sessions); "
 		"`hit` = 1 - new pooled connections / requests. The load generator is closed-loop Python on the same "
 		"cores: it coordinates with the server (tails under overload are understated), it sees nothing "
