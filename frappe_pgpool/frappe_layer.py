@@ -139,20 +139,18 @@ def get_connection(wrapped, instance, args, kwargs):
 def connect_options(site: str, config: PoolConfig, keep: bool) -> dict[str, object]:
 	"""The libpq options a pooled connection of the site is opened with, on top of Frappe's own.
 
-	connect_timeout always (Frappe's DSN has none: libpq would wait forever). A connection the pool will
-	keep also gets keepalives (it notices a silent network loss while idle) and, in session mode, its
-	application_name. None of that on a connection closed on return as plain Frappe closes it (the reuse
-	gate is shut: `keep` False), and no application_name behind pgBouncer in transaction mode: pgBouncer
-	applies a client's application_name to the server it lends with a SET whenever the server's differs,
-	so a name per worker would cost a round trip per transaction (session mode: per login), which plain
-	Frappe, sending none, does not pay.
+	connect_timeout (Frappe's DSN has none: libpq would wait forever) and the keepalives (a silent
+	network loss is noticed while idle, and tcp_user_timeout bounds a statement sent into one), both
+	client-side. application_name only on a connection the pool will keep (`keep`), in session mode:
+	pgBouncer applies a client's application_name to the server it lends with a SET whenever the server's
+	differs, so a name per worker costs a round trip per transaction behind transaction mode and one per
+	login in session mode, which plain Frappe, sending none, does not pay. A kept connection logs in once.
 	"""
 	options: dict[str, object] = {"connect_timeout": config.connect_timeout}
-	if keep:
-		if config.pgbouncer_mode == "session":
-			options["application_name"] = application_name(site)
-		if not _keepalive_failed:
-			options.update(_KEEPALIVE)
+	if keep and config.pgbouncer_mode == "session":
+		options["application_name"] = application_name(site)
+	if not _keepalive_failed:
+		options.update(_KEEPALIVE)
 	return options
 
 
@@ -166,8 +164,8 @@ def psycopg2_connect(wrapped, instance, args, kwargs):
 	"""Wrapper of psycopg2.connect: adds our libpq options while the pool opens a connection.
 
 	Frappe's get_connection builds its own arguments; a thread-local set around the call lets
-	each pooled connection carry its site's application_name and connect_timeout without a
-	process-wide environment variable (threads of a gthread worker connect for different sites).
+	each pooled connection carry its own options (connect_options) without a process-wide
+	environment variable (threads of a gthread worker connect for different sites).
 	Any other caller, or an option the caller set itself, is left alone.
 	"""
 	options = getattr(_connect_options, "value", None)

@@ -800,6 +800,23 @@ def test_the_connect_callable_knows_whether_its_connection_will_be_kept(bouncer,
 	assert seen[-1] is True and not conn.closed
 
 
+def test_opening_to_keep_is_put_back_when_the_connect_callable_fails(monkeypatch):
+	from frappe_pgpool.pool import opening_to_keep
+
+	pool = ConnectionPool("told-fails", PoolConfig(enabled=True, size=1))
+	monkeypatch.setattr(pool._budget, "reuse_pays", lambda _pool=None: False)  # the gate is shut
+	seen = []
+
+	def refused() -> ext.connection:
+		seen.append(opening_to_keep())
+		raise psycopg2.OperationalError("connection refused")
+
+	with pytest.raises(psycopg2.OperationalError):
+		pool.getconn(refused)
+	assert seen == [False] and opening_to_keep() is True
+	assert pool.snapshot()["connect_errors"] == 1 and pool.snapshot()["size"] == 0
+
+
 def test_pooled_connections_notice_a_silent_network_loss(bouncer):
 	"""keepalive_options are libpq options (set in C while connecting, nothing per connection in Python):
 	keepalives after 30 s idle, 3 probes 10 s apart, and TCP_USER_TIMEOUT 60 s on the socket.

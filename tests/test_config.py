@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from frappe_pgpool.pool import ConfigError, PoolConfig, parse_config
@@ -95,3 +97,27 @@ def test_an_unknown_keys_value_is_not_echoed():
 	with pytest.raises(ConfigError) as raised:
 		parse_config({"db_pool_admin_dsn": "postgresql://u:s3cret@h/db"})
 	assert "db_pool_admin_dsn" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+	("mode", "keep", "named"),
+	[
+		("session", True, True),
+		("session", False, False),
+		("transaction", True, False),
+		("transaction", False, False),
+	],
+)
+def test_libpq_options_of_a_pooled_connection(mode, keep, named):
+	"""application_name only where plain Frappe would not pay for it (pgBouncer SETs it on the server it
+	lends); connect_timeout and the keepalives, client-side, on every pooled connection."""
+	from frappe_pgpool.frappe_layer import connect_options
+	from frappe_pgpool.pool.connection import keepalive_options
+
+	config = PoolConfig(enabled=True, pgbouncer_mode=mode, connect_timeout=7)
+	options = connect_options("site1.local", config, keep)
+	assert options["connect_timeout"] == 7
+	assert keepalive_options().items() <= options.items()
+	assert ("application_name" in options) is named
+	if named:
+		assert options["application_name"] == f"frappe:site1.local:{os.getpid()}"

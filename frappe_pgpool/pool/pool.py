@@ -48,17 +48,17 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 LIFETIME_JITTER = 0.1
 
 # Set while a pool's connect callable runs: whether the pool means to keep what it opens (see opening_to_keep)
-_opening = threading.local()
+_connecting = threading.local()
 
 
 def opening_to_keep() -> bool:
 	"""For a connect callable: whether the pool means to keep the connection being opened in this thread.
 
 	False when the reuse gate is shut (budget.REUSE_MIN_RATE): the connection is closed on return as plain
-	Frappe closes it, so whatever only a kept connection needs (the caller's application_name, keepalives)
-	can be left out. True outside a connect callable.
+	Frappe closes it, so whatever only a kept connection needs (the Frappe layer's application_name) can be
+	left out. True outside a connect callable.
 	"""
-	return getattr(_opening, "keep", True)
+	return getattr(_connecting, "keep", True)
 
 
 @dataclass(eq=False)
@@ -355,11 +355,12 @@ class ConnectionPool:
 		"""Open a connection in a slot already reserved by the caller."""
 		keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer only costs a close
 		try:
-			_opening.keep = keeping
+			outer = opening_to_keep()  # a connect callable that itself opens a pooled connection
+			_connecting.keep = keeping
 			try:
 				conn = connect()
 			finally:
-				_opening.keep = True
+				_connecting.keep = outer
 			defaults = poller = None
 			if keeping:
 				defaults = SessionDefaults.capture(conn, session=self.config.pgbouncer_mode == "session")

@@ -194,7 +194,8 @@ class Sampler(threading.Thread):
 	"""Samples, every `interval` seconds, what pgBouncer and PostgreSQL see for the given databases.
 
 	Each sample: t (seconds since start); per pid the pooled clients of pgBouncer (SHOW CLIENTS,
-	application_name frappe:<site>:<pid>) and the backends in pg_stat_activity by the same name;
+	application_name frappe:<site>:<pid>) and the backends in pg_stat_activity by the same name (only the
+	connections the pool keeps in session mode are named: sockets=, from /proc, counts them all);
 	pgBouncer's SHOW POOLS summed over the databases (cl_active, cl_waiting, sv_active, sv_idle,
 	sv_used, sv_tested, sv_login); the databases' PostgreSQL backends.
 	"""

@@ -95,8 +95,12 @@ def test_the_server_session_keeps_plain_frappes_application_name(env):
 			write_site_config(SITE, {**config, "db_pool_enabled": enabled})
 			with Gunicorn(workers=2) as web:
 				web.hammer([("/api/method/ping", SITE, None)] * 20, concurrency=2)
-				names[label] = {status(web, SITE, token)["application_name"] for _ in range(6)}
+				answers = [status(web, SITE, token) for _ in range(6)]
+				names[label] = {a["application_name"] for a in answers}
 	finally:
 		write_site_config(SITE, config)
 	print(f"\napplication_name on the server, transaction mode: {names}")
 	assert names["on"] == names["off"] and not any(n.startswith("frappe:") for n in names["on"])
+	# served pooled, by kept connections
+	assert all(a["patch_installed"] and a["budget"]["keeping"] for a in answers)
+	assert sum(p["hits"] for p in answers[-1]["pools"]) > 0
