@@ -470,7 +470,8 @@ def _pool_mode(members: list[Site], mode: str) -> Finding:
 		fix += (
 			f'; or keep {mode} mode and set db_pool_pgbouncer_mode to "transaction" for {_names(resetting)}: '
 			"their return now sends a session reset, a round trip that runs on whichever server pgBouncer "
-			"lends for it"
+			"lends for it, and their connections carry an application_name per worker, which pgBouncer SETs "
+			"on the server before nearly every transaction"
 		)
 	return Finding(
 		"warn",

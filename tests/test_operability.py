@@ -205,6 +205,7 @@ def test_doctor_finds_each_misconfiguration(cluster):
 	assert found["pool_mode"].level == "warn" and "transaction" in found["pool_mode"].message
 	assert "idle clients pin none" in found["pool_mode"].message
 	assert 'set db_pool_pgbouncer_mode to "transaction"' in found["pool_mode"].fix
+	assert "application_name per worker" in found["pool_mode"].fix  # pgBouncer SETs it per transaction
 	assert found["max_client_conn"].level == "error" and "19" in found["max_client_conn"].fix
 	assert (
 		found["client_idle_timeout"].level == "warn"
