@@ -1,15 +1,17 @@
-"""The miss path, side by side: pool off vs on for one shape of benchmarks/sites.py, many rounds.
+"""One cell of benchmarks/sites.py, pool off vs on side by side, over many rounds.
 
     FRAPPE_BENCH_PATH=~/frappe-bench FRAPPE_SITE=site1.local python benchmarks/miss_path.py \\
-        --placement session --workers "sync 4" --requests 1000 --rounds 4
+        --placement session --workers "sync 4" --shape own --traffic uniform --requests 1000 --rounds 8
 
-Traffic spread uniformly over --sites quick sites (own database and user each), so that almost every
-request needs a new connection and the reuse gate closes returned ones as plain Frappe does: what is
-left to compare is what the pool adds to a miss. Each row is one of benchmarks/sites.py (Run.placed_row:
-fresh gunicorn workers and a fresh pgBouncer unless --placement direct, the same warm-up and sampling);
-off and on alternate, the order turning every round. Prints each row, then the medians of req/s, worker
-CPU per request (utime + stime of the workers, /proc) and p95. The load generator is
-closed-loop Python on the same cores (see benchmarks/sites.py for what it can and cannot see).
+Traffic over --sites quick sites, each with its own database and user (`own`) or in groups of 5
+sharing one (`shared`), uniform or Zipf (s=1.1) as in benchmarks/sites.py. Uniform traffic is the miss
+path: almost every request needs a new connection and the reuse gate closes returned ones as plain
+Frappe does, so what is left to compare is what the pool adds to a miss. Each row is one of
+benchmarks/sites.py (Run.placed_row: fresh gunicorn workers and a fresh pgBouncer unless --placement
+direct, the same warm-up and sampling); off and on alternate, the order turning every round. Prints
+each row, then the medians of req/s, worker CPU per request (utime + stime of the workers, /proc) and
+p95, and how many pooled rounds were below pool off's median. The load generator is closed-loop Python
+on the same cores (see benchmarks/sites.py for what it can and cannot see).
 """
 
 from __future__ import annotations
@@ -34,13 +36,20 @@ def main() -> int:
 	)
 	parser.add_argument("--placement", choices=("session", "transaction", "direct"), default="session")
 	parser.add_argument("--workers", choices=list(WORKERS), default="sync 4")
+	parser.add_argument("--shape", choices=("own", "shared"), default="own")
+	parser.add_argument("--traffic", choices=("uniform", "zipf"), default="uniform")
 	parser.add_argument("--sites", type=int, default=20)
 	parser.add_argument("--requests", type=int, default=1000)
 	parser.add_argument("--rounds", type=int, default=4)
 	parser.add_argument("--warmup", type=int, default=40, help="pings before each row's measured ones")
 	args = parser.parse_args()
 	names = [f"miss{i:02d}.sites.local" for i in range(1, args.sites + 1)]
-	quick = make_quick_sites(BENCH, SITE, names)
+	if args.shape == "own":
+		quick = make_quick_sites(BENCH, SITE, names)
+	else:  # groups of 5 sharing a database and user, as benchmarks/sites.py's default --group
+		quick = []
+		for g in range(0, len(names), 5):
+			quick += make_quick_sites(BENCH, SITE, names[g : g + 5], shared=f"missgrp{g // 5 + 1}")
 	# the rows of benchmarks/sites.py, with its defaults: same warm-up, sampling and pgBouncer
 	run = Run(argparse.Namespace(warmup=args.warmup, sample=0.25, pool_size=20))
 	run.all_sites = names
@@ -53,11 +62,11 @@ def main() -> int:
 						args.placement,
 						quick,
 						workers=args.workers,
-						shape="own",
-						traffic="uniform",
+						shape=args.shape,
+						traffic=args.traffic,
 						pool=pool,
 						sites=names,
-						calls=plan(names, "uniform", args.requests, round_, 0),
+						calls=plan(names, args.traffic, args.requests, round_, 1.1),
 						dbs={q.db_name for q in quick},
 						round=round_ + 1,
 					)
@@ -71,6 +80,9 @@ def main() -> int:
 			f"median pool {pool}: {rps:.0f} req/s, worker CPU {cpu:.3f} ms/request, p95 {p95:.1f} ms, "
 			f"errors {errors}"
 		)
+	off, on = (statistics.median(r["rps"] for r in results[p]) for p in ("off", "on"))
+	below = sum(r["rps"] < off for r in results["on"])
+	print(f"req/s on/off x{on / off:.2f}; pooled rounds below pool off's median: {below} of {args.rounds}")
 	return 0
 
 
