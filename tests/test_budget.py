@@ -652,6 +652,46 @@ def test_a_busy_site_keeps_its_connection_while_the_spread_ones_are_closed(bounc
 	assert sum(c["closed"].get("not_reused", 0) for c in colds) >= 4 * 24 - 8
 
 
+def test_a_worker_that_keeps_one_connection_keeps_a_site_only_when_it_would_hit_often(bouncer, reg):
+	"""A sync worker keeps one connection, so each kept miss is evicted inside the next request for another
+	site. A site that would hit a third of the time is not worth it there (measured, see
+	budget.REUSE_MIN_RATE_ONE_SLOT): its connection is closed on return as plain Frappe's; a site that
+	would hit half of the time is kept. A gthread worker (several slots) keeps the first at 25%."""
+	config = PoolConfig(enabled=True, size=2)
+	hot, *cold = sites(bouncer, 17, "one-slot")
+	connect = {k: named_factory(bouncer, "one-slot", k.user) for k in [hot, *cold]}
+
+	def run(plan, registry=reg, budget=None):
+		for key in plan:
+			conn = registry.getconn(key, config, connect[key], budget)
+			backend_pid(conn)
+			registry.putconn(conn)
+
+	third = []  # hot: 3 of 9 checkouts, one of them right after another (would-hit a third of the time)
+	for cycle in range(16):
+		spread = [cold[(6 * cycle + i) % 16] for i in range(6)]
+		third += [hot, spread[0], hot, hot, *spread[1:]]
+	run(third)
+	assert reg.snapshot()["limit"] == 1
+	hot_pool = reg.pools()[hot].snapshot()
+	assert 0.25 < hot_pool["reuse_rate"] < 0.4 and hot_pool["keeping"] is False
+	closed = hot_pool["closed"].get("not_reused", 0)
+	half = []  # then two in a row each time: half of its checkouts would hit
+	for cycle in range(16):
+		half += [hot, hot, cold[(2 * cycle) % 16], cold[(2 * cycle + 1) % 16]]
+	run(half)
+	hot_pool = reg.pools()[hot].snapshot()
+	assert hot_pool["keeping"] is True and hot_pool["reuse_rate"] >= 0.4
+	assert hot_pool["hits"] >= 10
+	print(f"\none slot: a third would-hit closed {closed} of 48; then half: {hot_pool['hits']} hits")
+	two = PoolRegistry(reap_interval=0)  # two slots (db_pool_process_budget 2): a third is enough
+	try:
+		run(third, two, 2)
+		assert two.snapshot()["limit"] == 2 and two.pools()[hot].snapshot()["keeping"] is True
+	finally:
+		two.close_all()
+
+
 def test_a_replica_opened_inside_a_request_is_kept_and_reused(bouncer, reg):
 	"""Frappe's read_only opens the replica while the request holds the primary, and returns the replica
 	first. The primary, returned last, is in use again when the next request opens its replica: it cannot

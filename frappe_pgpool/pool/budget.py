@@ -53,8 +53,15 @@ if TYPE_CHECKING:
 # only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
 # a quieter one follows the process. A pool with hits that is absent from the process's last
 # REUSE_WINDOW checkouts starts its evidence again: a site busy once does not keep on what it did then.
+# A process that keeps one connection (a sync worker, an RQ work-horse) evicts it inside the next request
+# for another site, so each kept miss costs a return's rollback and reset and an eviction's round trip on
+# the request path: there keeping must hit more often to pay. Measured on 4 sync workers under Zipf
+# traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site would hit ~31% of the time;
+# keeping it bought x0.99-1.03 req/s and cost p95 x1.05-1.06 in two of three cells (above in 7 of 8
+# paired rounds); with the gate shut, x1.00 and p95 x1.01.
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
+REUSE_MIN_RATE_ONE_SLOT = 0.4
 POOL_REUSE_WINDOW = 16
 POOL_EVIDENCE = 8
 
@@ -81,8 +88,8 @@ class HitWindow:
 		self.outcomes.clear()
 		self.hits = 0
 
-	def pays(self) -> bool:
-		return self.hits >= REUSE_MIN_RATE * len(self.outcomes)
+	def pays(self, min_rate: float = REUSE_MIN_RATE) -> bool:
+		return self.hits >= min_rate * len(self.outcomes)
 
 	def rate(self) -> float | None:
 		return round(self.hits / len(self.outcomes), 3) if self.outcomes else None
@@ -173,9 +180,10 @@ class ProcessBudget:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.bounded or not self.recent:
 			return True
+		min_rate = REUSE_MIN_RATE_ONE_SLOT if self.limit() == 1 else REUSE_MIN_RATE
 		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
-			return pool._reuse.pays()
-		return self.recent.pays()
+			return pool._reuse.pays(min_rate)
+		return self.recent.pays(min_rate)
 
 	def has_room(self) -> bool:
 		limit = self.limit()
