@@ -37,10 +37,10 @@ import frappe
 from frappe_pgpool.pool import budget
 
 gate = os.environ["PGPOOL_GATE"]
-if gate == "keeping":
-    budget.REUSE_MIN_RATE = 0.0  # every checkout pays
-elif gate == "closing":
-    budget.REUSE_MIN_RATE = 2.0  # none does, once the first return is counted
+if gate == "keeping":  # every checkout pays (this process has one slot: both rates)
+    budget.REUSE_MIN_RATE = budget.REUSE_MIN_RATE_ONE_SLOT = 0.0
+elif gate == "closing":  # none does, once the first return is counted
+    budget.REUSE_MIN_RATE = budget.REUSE_MIN_RATE_ONE_SLOT = 2.0
 sites = os.environ["PGPOOL_SITES"].split()
 rng = random.Random(int(os.environ["PGPOOL_SEED"]))
 plan = [rng.choice(sites) for _ in range(int(os.environ["PGPOOL_CHECKOUTS"]))]

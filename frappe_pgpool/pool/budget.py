@@ -53,12 +53,14 @@ if TYPE_CHECKING:
 # only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
 # a quieter one follows the process. A pool with hits that is absent from the process's last
 # REUSE_WINDOW checkouts starts its evidence again: a site busy once does not keep on what it did then.
-# A process that keeps one connection (a sync worker, an RQ work-horse) evicts it inside the next request
-# for another site, so each kept miss costs a return's rollback and reset and an eviction's round trip on
-# the request path: there keeping must hit more often to pay. Measured on 4 sync workers under Zipf
-# traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site would hit ~31% of the time;
-# keeping it bought x0.99-1.03 req/s and cost p95 x1.05-1.06 in two of three cells (above in 7 of 8
-# paired rounds); with the gate shut, x1.00 and p95 x1.01.
+# A process that keeps one connection (a sync worker, or db_pool_process_budget 1) evicts it inside the
+# next request for another site, so each kept miss costs a return's rollback and reset and an eviction's
+# round trip on the request path: there keeping must hit more often to pay. Measured on 4 sync workers
+# under Zipf traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site (31% of the
+# traffic) would hit about that often; keeping it at 25% gave x0.99-1.03 req/s and p95 x1.02-1.06 (x1.05
+# and x1.06 with p95 above in 7 of 8 paired rounds); with the gate forced shut (one cell), x1.00 and p95
+# x1.01; at 40%, x0.99-1.03 and p95 x0.95-1.02. A request that opens a replica makes the limit 2 for good:
+# such a worker keeps at 25%.
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
 REUSE_MIN_RATE_ONE_SLOT = 0.4
