@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.sites import WORKERS, Run, plan  # noqa: E402
+from benchmarks.sites import WORKERS, Run, make_shared_sites, plan  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE  # noqa: E402
 from tests.frappe.sites import configs_restored  # noqa: E402
@@ -47,9 +47,7 @@ def main() -> int:
 	if args.shape == "own":
 		quick = make_quick_sites(BENCH, SITE, names)
 	else:  # groups of 5 sharing a database and user, as benchmarks/sites.py's default --group
-		quick = []
-		for g in range(0, len(names), 5):
-			quick += make_quick_sites(BENCH, SITE, names[g : g + 5], shared=f"missgrp{g // 5 + 1}")
+		quick = make_shared_sites(names, 5, "missgrp")
 	# the rows of benchmarks/sites.py, with its defaults: same warm-up, sampling and pgBouncer
 	run = Run(argparse.Namespace(warmup=args.warmup, sample=0.25, pool_size=20))
 	run.all_sites = names

@@ -79,6 +79,14 @@ def plan(sites: list[str], traffic: str, requests: int, seed: int, s: float) -> 
 	return rng.choices(sites, weights=zipf_weights(len(sites), s), k=requests)
 
 
+def make_shared_sites(names: list[str], group: int, prefix: str) -> list:
+	"""Quick sites in groups of `group` sharing a database and user each (<prefix>1, <prefix>2, ...)."""
+	quick = []
+	for g in range(0, len(names), group):
+		quick += make_quick_sites(BENCH, SITE, names[g : g + group], shared=f"{prefix}{g // group + 1}")
+	return quick
+
+
 def worker_cpu(web: Gunicorn) -> float:
 	total = 0.0
 	for pid in web.worker_pids():
@@ -306,11 +314,7 @@ class Run:
 		print(
 			f"frappe_pgpool {self.version}; making {len(self.all_sites)} quick sites from {SITE}", flush=True
 		)
-		quick = make_quick_sites(BENCH, SITE, own)
-		for g in range(0, len(shared), args.group):
-			quick += make_quick_sites(
-				BENCH, SITE, shared[g : g + args.group], shared=f"grp{g // args.group + 1}"
-			)
+		quick = make_quick_sites(BENCH, SITE, own) + make_shared_sites(shared, args.group, "grp")
 		by_name = {q.name: q for q in quick}
 		print(f"quick sites ready in {time.monotonic() - t0:.1f}s", flush=True)
 		shapes = {"own": own, "shared": shared, "single": own[:1]}

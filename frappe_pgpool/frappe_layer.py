@@ -102,7 +102,8 @@ def get_connection(wrapped, instance, args, kwargs):
 
 	def connect():
 		global _keepalive_failed
-		options = connect_options(site, config, opening_to_keep())
+		keep = opening_to_keep()
+		options = connect_options(site, config, keep)
 		try:
 			_connect_options.value = options
 			try:
@@ -116,7 +117,7 @@ def get_connection(wrapped, instance, args, kwargs):
 				log.warning(
 					"frappe_pgpool: TCP keepalive options refused here (%s); connecting without them", e
 				)
-				_connect_options.value = {k: v for k, v in options.items() if k not in _KEEPALIVE}
+				_connect_options.value = connect_options(site, config, keep)  # now without them
 				return wrapped(*args, **kwargs)
 		finally:
 			_connect_options.value = None

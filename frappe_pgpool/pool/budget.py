@@ -90,7 +90,7 @@ class HitWindow:
 		self.outcomes.clear()
 		self.hits = 0
 
-	def pays(self, min_rate: float = REUSE_MIN_RATE) -> bool:
+	def pays(self, min_rate: float) -> bool:
 		return self.hits >= min_rate * len(self.outcomes)
 
 	def rate(self) -> float | None:
