@@ -698,6 +698,43 @@ def test_a_worker_that_keeps_one_connection_keeps_a_site_only_when_it_would_hit_
 	)
 
 
+def test_a_worker_whose_requests_open_a_replica_still_keeps_one_connection_per_request(bouncer, reg):
+	"""A sync worker whose requests open the replica while holding the primary has a limit of 2, but it
+	still runs one request at a time: a kept miss is evicted inside the next request for another site,
+	twice over. It applies the one-slot rate (budget.REUSE_MIN_RATE_ONE_SLOT), not the gthread one, and
+	says which in its snapshot."""
+	from frappe_pgpool.pool.budget import REUSE_MIN_RATE, REUSE_MIN_RATE_ONE_SLOT
+
+	config = PoolConfig(enabled=True, size=2)
+	names = [f"one-thread-{i}.local" for i in range(17)]
+	primaries = [key_for("app1", n, bouncer) for n in names]
+	replicas = {p: key_for("app2", n, bouncer) for p, n in zip(primaries, names, strict=True)}
+	connect = {p: named_factory(bouncer, "one-thread") for p in primaries}
+	connect |= {r: named_factory(bouncer, "one-thread", "app2") for r in replicas.values()}
+	hot, *cold = primaries
+	plan = []  # hot: 3 of 9 requests, one right after another, the others 3 apart: a third would hit
+	for cycle in range(16):
+		spread = [cold[(6 * cycle + i) % 16] for i in range(6)]
+		plan += [hot, spread[0], spread[1], hot, hot, *spread[2:]]
+	for key in plan:
+		main = reg.getconn(key, config, connect[key])
+		backend_pid(main)
+		read = reg.getconn(replicas[key], config, connect[replicas[key]])
+		backend_pid(read)
+		reg.putconn(read)
+		reg.putconn(main)
+	snap = reg.snapshot()
+	assert snap["limit"] == 2 and snap["reuse_min_rate"] == REUSE_MIN_RATE_ONE_SLOT
+	hot_pool = reg.pools()[hot].snapshot()
+	assert 0.25 < hot_pool["reuse_rate"] < 0.4 and hot_pool["keeping"] is False
+	assert hot_pool["hits"] == 0 and hot_pool["closed"].get("not_reused", 0) >= 46
+	# two requests at once on two threads (a gthread worker): the rate over several slots applies
+	held = reg.getconn(hot, config, connect[hot])
+	in_thread(lambda: reg.putconn(reg.getconn(cold[0], config, connect[cold[0]])))
+	reg.putconn(held)
+	assert reg.snapshot()["reuse_min_rate"] == REUSE_MIN_RATE
+
+
 def test_a_replica_opened_inside_a_request_is_kept_and_reused(bouncer, reg):
 	"""Frappe's read_only opens the replica while the request holds the primary, and returns the replica
 	first. The primary, returned last, is in use again when the next request opens its replica: it cannot

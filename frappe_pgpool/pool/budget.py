@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 # under Zipf traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site (31% of the
 # traffic) would hit about that often; keeping it at 25% gave x0.99-1.03 req/s and p95 x1.02-1.06 (x1.05
 # and x1.06 with p95 above in 7 of 8 paired rounds); with the gate forced shut (one cell), x1.00 and p95
-# x1.01; at 40%, x0.99-1.03 and p95 x0.95-1.02. A request that opens a replica makes the limit 2 for good:
-# such a worker keeps at 25%.
+# x1.01; at 40%, x0.99-1.03 and p95 x0.95-1.02. A sync worker whose requests open a replica while holding
+# the primary has a limit of 2 but still runs one request at a time, so it too needs 40%: the rate keys on
+# the threads that ever held checkouts at once, not on the limit (a numeric budget above 1 keeps several).
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
 REUSE_MIN_RATE_ONE_SLOT = 0.4
@@ -109,6 +110,7 @@ class ProcessBudget:
 		self.active = 0  # checkouts running: from the start of getconn to the end of putconn
 		self.peak = 0  # high-water mark of active
 		self.holders: dict[int, int] = {}  # thread ident -> its checkouts running
+		self.thread_peak = 0  # high-water mark of threads holding checkouts at once (requests in flight)
 		# counters
 		self.evictions = 0
 		self.waits = 0  # callers that had to wait for the budget
@@ -138,6 +140,8 @@ class ProcessBudget:
 			self.peak = self.active
 		held = self.holders.get(thread, 0)
 		self.holders[thread] = held + 1
+		if len(self.holders) > self.thread_peak:
+			self.thread_peak = len(self.holders)
 		return held > 0
 
 	def checkout_ended(self, thread: int) -> None:
@@ -182,10 +186,16 @@ class ProcessBudget:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.bounded or not self.recent:
 			return True
-		min_rate = REUSE_MIN_RATE_ONE_SLOT if self.limit() == 1 else REUSE_MIN_RATE
+		min_rate = self.reuse_min_rate()
 		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
 			return pool._reuse.pays(min_rate)
 		return self.recent.pays(min_rate)
+
+	def reuse_min_rate(self) -> float:
+		"""The would-hit rate below which returned connections are closed: higher where each request's
+		connections are all there is to keep (one request at a time under auto, or a budget of 1)."""
+		one_slot = self.limit() == 1 or (self.setting is None and self.thread_peak <= 1)
+		return REUSE_MIN_RATE_ONE_SLOT if one_slot else REUSE_MIN_RATE
 
 	def has_room(self) -> bool:
 		limit = self.limit()
@@ -281,6 +291,7 @@ class ProcessBudget:
 			"budget_timeouts": self.timeouts,
 			"budget_overdrafts": self.overdrafts,
 			"reuse_rate": self.recent.rate(),
+			"reuse_min_rate": self.reuse_min_rate() if self.bounded else None,
 			"keeping": self.reuse_pays(),
 			"not_reused": self.not_reused,
 		}
