@@ -10,6 +10,18 @@ from . import observe, publish
 from .patch import is_installed
 from .pool import registry
 
+# the libpq options the pool may add to a connection (connect_options): none of them a secret
+_POOL_OPTIONS = frozenset(
+	(
+		"connect_timeout",
+		"keepalives",
+		"keepalives_idle",
+		"keepalives_interval",
+		"keepalives_count",
+		"tcp_user_timeout",
+	)
+)
+
 
 @frappe.whitelist()
 def status() -> dict:
@@ -19,6 +31,7 @@ def status() -> dict:
 	backend_pid, current_user, current_database, application_name = frappe.db.sql(
 		"select pg_backend_pid(), current_user, current_database(), current_setting('application_name')"
 	)[0]
+	conn = frappe.db._conn
 	return {
 		"site": site,
 		"process_id": os.getpid(),
@@ -26,6 +39,8 @@ def status() -> dict:
 		"current_user": current_user,
 		"current_database": current_database,
 		"application_name": application_name,
+		# the pool's libpq options on this request's connection
+		"connection_options": {k: v for k, v in conn.get_dsn_parameters().items() if k in _POOL_OPTIONS},
 		"patch_installed": is_installed(),
 		# this process's budget ({"budget", "open", "peak"}) and "armed", where this version has them
 		**observe.process_fields(registry),

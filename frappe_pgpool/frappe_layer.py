@@ -33,6 +33,11 @@ _keepalive_failed = False  # libpq could not set them on this system: connection
 # (site, host, port, dbname, user) -> (password, its PoolKey): the key's digest is made once per identity,
 # not per checkout; a changed password replaces the entry (the password is held as Frappe's conf holds it)
 _keys: dict[tuple, tuple[str | None, PoolKey]] = {}
+# (Frappe's connect arguments, our options) -> the connection string psycopg2 builds from them: psycopg2's
+# make_dsn escapes every value in Python at each connect; built once per identity, it is passed whole
+# (and only parsed, in C). Held as Frappe's conf holds the password; a few per site in practice.
+_dsns: dict[tuple, str] = {}
+_CONNECT_ARGUMENTS = {"connection_factory", "cursor_factory", "async", "async_"}  # not libpq options
 publisher = Publisher(registry)
 
 
@@ -140,15 +145,20 @@ def get_connection(wrapped, instance, args, kwargs):
 def connect_options(site: str, config: PoolConfig, keep: bool) -> dict[str, object]:
 	"""The libpq options a pooled connection of the site is opened with, on top of Frappe's own.
 
-	connect_timeout (Frappe's DSN has none: libpq would wait forever) and the keepalives (a silent
-	network loss is noticed while idle, and tcp_user_timeout bounds a statement sent into one), both
-	client-side. application_name only on a connection the pool will keep (`keep`), in session mode:
+	connect_timeout on every one (Frappe's DSN has none: libpq would wait for the kernel's TCP timeout,
+	minutes, on a pgBouncer that does not answer). The rest only on a connection the pool will keep
+	(`keep`): one it opens for a single request is closed on return as plain Frappe's, so it is opened as
+	plain Frappe's, each option costing libpq CPU at every login (benchmarks/plain_path.py). The
+	keepalives notice a silent network loss while the connection waits idle in the pool, and
+	tcp_user_timeout bounds a statement sent into one. application_name goes in session mode only:
 	pgBouncer applies a client's application_name to the server it lends with a SET whenever the server's
 	differs, so a name per worker costs a round trip per transaction behind transaction mode and one per
 	login in session mode, which plain Frappe, sending none, does not pay. A kept connection logs in once.
 	"""
 	options: dict[str, object] = {"connect_timeout": config.connect_timeout}
-	if keep and config.pgbouncer_mode == "session":
+	if not keep:
+		return options
+	if config.pgbouncer_mode == "session":
 		options["application_name"] = application_name(site)
 	if not _keepalive_failed:
 		options.update(_KEEPALIVE)
@@ -170,10 +180,23 @@ def psycopg2_connect(wrapped, instance, args, kwargs):
 	Any other caller, or an option the caller set itself, is left alone.
 	"""
 	options = getattr(_connect_options, "value", None)
-	if options:
-		dsn = args[0] if args else kwargs.get("dsn")
-		given = set(psycopg2.extensions.parse_dsn(dsn)) if dsn else set()
-		kwargs = {**{k: v for k, v in options.items() if k not in given}, **kwargs}
+	if not options:
+		return wrapped(*args, **kwargs)
+	if not args and "dsn" not in kwargs and _CONNECT_ARGUMENTS.isdisjoint(kwargs):  # Frappe's call
+		try:
+			key = (tuple(kwargs.items()), tuple(options.items()))
+			dsn = _dsns.get(key)
+		except TypeError:  # an unhashable value: build it as psycopg2 would, below
+			pass
+		else:
+			if dsn is None:
+				if len(_dsns) > 1024:  # never unbounded
+					_dsns.clear()
+				dsn = _dsns[key] = ext.make_dsn(**{**options, **kwargs})
+			return wrapped(dsn)
+	dsn = args[0] if args else kwargs.get("dsn")
+	given = set(ext.parse_dsn(dsn)) if dsn else set()
+	kwargs = {**{k: v for k, v in options.items() if k not in given}, **kwargs}
 	return wrapped(*args, **kwargs)
 
 

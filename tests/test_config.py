@@ -8,6 +8,8 @@ import pytest
 
 from frappe_pgpool.pool import ConfigError, PoolConfig, parse_config
 
+from .conftest import USERS, scalar
+
 
 def test_defaults():
 	config = parse_config({})
@@ -110,14 +112,60 @@ def test_an_unknown_keys_value_is_not_echoed():
 )
 def test_libpq_options_of_a_pooled_connection(mode, keep, named):
 	"""application_name only where plain Frappe would not pay for it (pgBouncer SETs it on the server it
-	lends); connect_timeout and the keepalives, client-side, on every pooled connection."""
+	lends); the keepalives only on a connection the pool keeps (each libpq option costs CPU at login, and
+	one opened for a single request is closed as plain Frappe's); connect_timeout on every one."""
 	from frappe_pgpool.frappe_layer import connect_options
 	from frappe_pgpool.pool.connection import keepalive_options
 
 	config = PoolConfig(enabled=True, pgbouncer_mode=mode, connect_timeout=7)
 	options = connect_options("site1.local", config, keep)
 	assert options["connect_timeout"] == 7
-	assert keepalive_options().items() <= options.items()
+	assert (keepalive_options().items() <= options.items()) is keep
+	if not keep:
+		assert options == {"connect_timeout": 7}
 	assert ("application_name" in options) is named
 	if named:
 		assert options["application_name"] == f"frappe:site1.local:{os.getpid()}"
+
+
+def test_the_pools_libpq_options_reach_the_connection_however_psycopg2_is_called(bouncer):
+	"""The psycopg2.connect wrapper adds the pool's options while a pooled connection is opened. Called as
+	Frappe calls it (keywords), it builds the connection string once per identity and passes it whole;
+	with a DSN, or a caller's own value for one of the options, the caller's value wins."""
+	import psycopg2
+
+	from frappe_pgpool import frappe_layer
+	from frappe_pgpool.pool.connection import keepalive_options
+
+	def connect(*args, **kwargs):
+		return frappe_layer.psycopg2_connect(psycopg2.connect, None, args, kwargs)
+
+	frappe_like = {
+		"user": "app1",
+		"dbname": "app1",
+		"host": bouncer.host,
+		"password": USERS["app1"],
+		"port": bouncer.port,
+	}
+	options = {"connect_timeout": 7, **keepalive_options()}
+	frappe_layer._connect_options.value = options
+	try:
+		opened = [connect(**frappe_like) for _ in range(3)]
+		built = len(frappe_layer._dsns)
+		opened.append(connect(**frappe_like))
+		assert len(frappe_layer._dsns) == built  # the same identity's next call reuses the string
+		opened.append(connect(**{**frappe_like, "connect_timeout": 3}))  # the caller's own value wins
+		opened.append(connect(bouncer.dsn("app1", USERS["app1"], "app1", connect_timeout=4)))
+	finally:
+		frappe_layer._connect_options.value = None
+	plain = connect(**frappe_like)  # not opened by the pool: nothing added
+	try:
+		params = [c.get_dsn_parameters() for c in opened]
+		assert all(p["keepalives"] == "1" and p["tcp_user_timeout"] == "60000" for p in params)
+		assert [p["connect_timeout"] for p in params] == ["7", "7", "7", "7", "3", "4"]
+		assert all(scalar(c, "select current_user") == "app1" for c in opened)
+		assert "keepalives" not in plain.get_dsn_parameters()
+		assert not any(USERS["app1"] in str(v) for p in params for v in p.values())  # no password shown
+	finally:
+		for c in [*opened, plain]:
+			c.close()

@@ -148,6 +148,7 @@ class ConnectionPool:
 		budget = self._budget
 		thread = threading.get_ident()
 		started = nested = False
+		waiter = None
 		try:
 			stale: list[tuple[_Record, str]] = []
 			while True:
@@ -166,6 +167,12 @@ class ConnectionPool:
 						break
 					if stale:
 						continue
+					if not budget.waiters and budget.has_room() and self._total() < self.config.size:
+						# nobody queued and room under both bounds: a slot at once, as dispatch would grant
+						# a lone waiter (the miss path of every request whose connection is not kept)
+						budget.open += 1
+						self._opening += 1
+						break
 					# Nothing idle here: queue, in arrival order across pools, and let the budget serve the
 					# queue; it may grant this caller a slot at once (then it does not wait).
 					waiter = _Waiter(self)
@@ -186,6 +193,8 @@ class ConnectionPool:
 			if record is not None:
 				self._close_records(stale)
 				conn = record.conn
+			elif waiter is None:
+				conn = self._open(connect)
 			else:
 				if not waiter.done:
 					record = self._wait(waiter, timeout)

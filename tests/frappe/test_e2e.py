@@ -88,6 +88,9 @@ def test_sync_workers_log_in_once_per_worker_and_reuse_backends(env):
 	assert set().union(*by_worker.values()) <= set(long_lived)
 	# pg_stat_activity / SHOW CLIENTS tell which site and process holds each connection
 	assert all(s["application_name"] == f"frappe:{SITE}:{s['process_id']}" for s in [first, *warm, *seen])
+	# a kept connection carries the keepalives too (one opened for a single request carries only
+	# connect_timeout: test_many_sites.py)
+	assert {"keepalives": "1", "tcp_user_timeout": "60000"}.items() <= first["connection_options"].items()
 
 
 def test_gthread_workers_never_exceed_the_pool_size(env):

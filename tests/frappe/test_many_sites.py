@@ -313,8 +313,9 @@ def test_sync_workers_over_many_sites_hold_one_connection_each_without_pgbouncer
 
 def test_a_connection_the_worker_will_not_keep_is_opened_as_plain_frappe_opens_it(fleet):
 	"""Round robin over 13 sites: no checkout would hit, so the worker closes what it opens on return, as
-	plain Frappe does. Such a connection carries no application_name either: pgBouncer would SET it on the
-	server it lends (a round trip per login that plain Frappe does not pay)."""
+	plain Frappe does. Such a connection carries no application_name either (pgBouncer would SET it on the
+	server it lends: a round trip per login that plain Frappe does not pay), nor the keepalives (libpq CPU
+	at each login); only connect_timeout."""
 	token = fleet["token"]
 	with Gunicorn(workers=1) as web:
 		results = web.hammer([("/api/method/ping", ALL[i % len(ALL)]) for i in range(60)], concurrency=1)
@@ -323,6 +324,9 @@ def test_a_connection_the_worker_will_not_keep_is_opened_as_plain_frappe_opens_i
 	print(f"\nshut gate, 1 sync worker: {[(s['application_name'], s['budget']['keeping']) for s in shut]}")
 	assert all(s["budget"]["keeping"] is False for s in shut)
 	assert all(s["application_name"] == "" for s in shut)
+	assert all(s["connection_options"] == {"connect_timeout": "5"} for s in shut), shut[0][
+		"connection_options"
+	]
 
 
 def test_one_site_keeps_one_login_per_worker(fleet):

@@ -1,0 +1,120 @@
+"""What the pool adds to a request it does not keep a connection for, in one process, side by side.
+
+    FRAPPE_BENCH_PATH=~/frappe-bench FRAPPE_SITE=site1.local python benchmarks/plain_path.py
+
+Two sets of --sites quick sites straight to PostgreSQL (own database and user each): one with the pool
+off (plain Frappe), one with it on and its reuse gate shut (every connection closed on return, as plain
+Frappe closes it: the path a request takes when its site would not hit). One bench Python process runs
+blocks of --block requests (frappe.init / connect / two queries / destroy, as a request would) over one
+set, then the other, the order turning every block, --blocks times each. The two sets share the process,
+its caches and the machine's load of the moment, so the paired blocks differ only by the pool: printed
+as on/off of CPU and wall per request, the geometric mean over the pairs with its 95% interval. What the
+process cannot see: HTTP, gunicorn and pgBouncer (there is none here), and what other processes pay.
+--ablate names a part to leave out of the pooled set, to find what costs what (a measurement, never
+how the pool ships): "options" (no libpq options at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
+from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
+from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
+
+PROBE = """
+import random, time
+import frappe
+from frappe_pgpool import frappe_layer
+from frappe_pgpool.pool import budget
+
+budget.REUSE_MIN_RATE = budget.REUSE_MIN_RATE_ONE_SLOT = 2.0  # shut once the first return is counted
+if os.environ["PGPOOL_ABLATE"] == "options":
+    frappe_layer.connect_options = lambda *args: {}
+off, on = os.environ["PGPOOL_OFF"].split(), os.environ["PGPOOL_ON"].split()
+block = int(os.environ["PGPOOL_BLOCK"])
+rng = random.Random(1)
+
+def request(site):
+    frappe.init(site=site)
+    frappe.connect()
+    frappe.db.sql("select 1")
+    frappe.db.sql("select 2")
+    frappe.destroy()
+
+for site in off[:3] + on[:3]:  # imports, and the pooled process's first (kept) connection
+    request(site)
+figures = {"off": [], "on": []}
+for n in range(int(os.environ["PGPOOL_BLOCKS"])):
+    order = [("off", off), ("on", on)] if n % 2 == 0 else [("on", on), ("off", off)]
+    for name, sites in order:
+        plan = [rng.choice(sites) for _ in range(block)]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for site in plan:
+            request(site)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        figures[name].append((cpu * 1000 / block, wall * 1000 / block))
+stats = frappe_layer.registry.snapshot()
+figures["closed_not_reused"] = stats["not_reused"]
+out(figures)
+"""
+
+
+def paired(on: list[float], off: list[float]) -> str:
+	logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
+	mean = statistics.fmean(logs)
+	half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+	return f"x{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
+
+
+def main() -> int:
+	parser = argparse.ArgumentParser(
+		description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+	)
+	parser.add_argument("--sites", type=int, default=10, help="sites per set")
+	parser.add_argument("--block", type=int, default=25, help="requests per block")
+	parser.add_argument("--blocks", type=int, default=40, help="blocks per set")
+	parser.add_argument("--ablate", choices=["", "options"], default="")
+	args = parser.parse_args()
+	off = [f"plainoff{i:02d}.sites.local" for i in range(1, args.sites + 1)]
+	on = [f"plainon{i:02d}.sites.local" for i in range(1, args.sites + 1)]
+	make_quick_sites(BENCH, SITE, off + on)
+	try:
+		with configs_restored(off + on):
+			set_site_config(off, db_pool_enabled=0)
+			set_site_config(on, db_pool_enabled=1)
+			env = {
+				"PGPOOL_OFF": " ".join(off),
+				"PGPOOL_ON": " ".join(on),
+				"PGPOOL_BLOCK": str(args.block),
+				"PGPOOL_BLOCKS": str(args.blocks),
+				"PGPOOL_ABLATE": args.ablate,
+			}
+			(figures,) = run_in_bench(PROBE, site=on[0], env=env, timeout=1800)
+	finally:
+		remove_quick_sites(BENCH, off + on)
+	requests = args.block * args.blocks
+	print(
+		f"{args.sites} sites per set, {args.blocks} blocks of {args.block} requests each, one process"
+		f"{', ablated: ' + args.ablate if args.ablate else ''}; pooled connections closed on return: "
+		f"{figures['closed_not_reused']} of {requests}"
+	)
+	for i, what in enumerate(("CPU", "wall")):
+		off_ms = [f[i] for f in figures["off"]]
+		on_ms = [f[i] for f in figures["on"]]
+		print(
+			f"{what:4} per request: off {statistics.median(off_ms):.3f} ms, on {statistics.median(on_ms):.3f} ms "
+			f"(medians of the blocks); on/off {paired(on_ms, off_ms)}"
+		)
+	return 0
+
+
+if __name__ == "__main__":
+	sys.exit(main())
