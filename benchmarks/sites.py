@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import threading
@@ -460,6 +461,35 @@ def summary(rows: list[dict]) -> list[dict]:
 	return out
 
 
+# two-sided 95% quantiles of Student's t, by degrees of freedom (beyond the table: the normal's 1.96)
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20}
+_T95 |= {12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 20: 2.09, 30: 2.04}
+
+
+def rounds_paired(on: dict, off: dict, field: str) -> list[tuple[float, float]]:
+	"""(on, off) of each round: round i of both ran back to back, so a drift of the machine's load hits both."""
+	return list(zip(on[f"{field}_rounds"], off[f"{field}_rounds"], strict=False))
+
+
+def paired_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+	"""on/off over paired rounds: the geometric mean of the per-round ratios and its 95% confidence
+	interval (t over the log ratios). None with fewer than two pairs."""
+	pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
+	n = len(pairs)
+	if n < 2:
+		return None
+	logs = [math.log(a / b) for a, b in pairs]
+	mean = sum(logs) / n
+	sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+	t = _T95.get(n - 1) or next((v for k, v in sorted(_T95.items()) if k >= n - 1), 1.96)
+	half = t * sd / math.sqrt(n)
+	return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def _ci(ratio: tuple[float, float, float] | None) -> str:
+	return "-" if ratio is None else f"x{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]"
+
+
 def _median(values: list[float]) -> float:
 	ordered = sorted(values)
 	middle = len(ordered) // 2
@@ -536,9 +566,13 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		"",
 		"## On vs off",
 		"",
-		"| placement | workers | shape | traffic | pool | req/s on/off | p95 on/off | errors off/on | "
-		"servers off -> on | backends off -> on | hit | share of the single-site gain |",
-		"|---|---|---|---|---|---|---|---|---|---|---|---|",
+		"`paired` = the geometric mean of on/off over the rounds, each round's pooled row against the pool-off "
+		"row it ran next to, with its 95% confidence interval (Student's t over the log ratios): an interval "
+		"that holds 1 is a difference this run cannot tell from the machine's noise.",
+		"",
+		"| placement | workers | shape | traffic | pool | req/s on/off | req/s paired | p95 on/off | p95 paired | "
+		"errors off/on | servers off -> on | backends off -> on | hit | share of the single-site gain |",
+		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 	]
 	# plain Frappe's most server connections with this placement and worker shape, over all its rows
 	plain_peak: dict[tuple, int] = {}
@@ -554,9 +588,12 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		share = (ratio - 1) / (base - 1) if base and base > 1 and on["shape"] != "single" else None
 		servers = f"{off['peak_servers']} -> {on['peak_servers']}" if off["peak_servers"] is not None else "-"
 		name = "on" if on["variant"] == "default" else f"on, {on['variant']}"
+		rps_paired = paired_ratio(rounds_paired(on, off, "rps"))
+		p95_paired = paired_ratio(rounds_paired(on, off, "p95"))
 		lines.append(
 			f"| {on['placement']} | {on['workers']} | {on['shape']} | {on['traffic']} | {name} | {ratio:.2f} | "
-			f"{on['p95'] / off['p95']:.2f} | {off['errors']}/{on['errors']} | {servers} | "
+			f"{_ci(rps_paired)} | {on['p95'] / off['p95']:.2f} | {_ci(p95_paired)} | "
+			f"{off['errors']}/{on['errors']} | {servers} | "
 			f"{off['peak_backends']} -> {on['peak_backends']} | {_opt(on['hit_rate'], '{:.0%}')} | "
 			f"{_opt(share, '{:.0%}')} |"
 		)
@@ -565,18 +602,18 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		worse = []
 		if on["errors"]:
 			worse.append(f"{on['errors']} errors")
-		if ratio < 1:
-			beyond = max(on["rps_rounds"]) < _median(off["rps_rounds"])
+		if ratio < 1 or (rps_paired and rps_paired[0] < 1):
+			beyond = rps_paired is not None and rps_paired[2] < 1
 			worse.append(
-				f"req/s x{ratio:.2f} ("
-				+ ("every round below pool off's median" if beyond else "within the rounds' spread")
+				f"req/s x{ratio:.2f}, paired {_ci(rps_paired)} ("
+				+ ("below 1 beyond the noise" if beyond else "not told from noise")
 				+ ")"
 			)
-		if on["p95"] > off["p95"]:
-			beyond = min(on["p95_rounds"]) > _median(off["p95_rounds"])
+		if on["p95"] > off["p95"] or (p95_paired and p95_paired[0] > 1):
+			beyond = p95_paired is not None and p95_paired[1] > 1
 			worse.append(
-				f"p95 x{on['p95'] / off['p95']:.2f} ("
-				+ ("every round above pool off's median" if beyond else "within the rounds' spread")
+				f"p95 x{on['p95'] / off['p95']:.2f}, paired {_ci(p95_paired)} ("
+				+ ("above 1 beyond the noise" if beyond else "not told from noise")
 				+ ")"
 			)
 		plain = plain_peak.get((on["placement"], on["workers"]))
@@ -594,12 +631,36 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		"",
 		"## Goals missed (defaults; median req/s, latencies over all rounds)",
 		"",
-		"A slower median says whether every pooled round was below pool off's median round (beyond the "
-		"noise of this shared machine) or not. Servers are compared with plain Frappe's peak for the same "
+		"A slower median or a higher p95 says whether the paired rounds' 95% interval lies beyond 1 (a "
+		"difference beyond the noise of this shared machine) or holds it. Servers are compared with plain Frappe's peak for the same "
 		"placement and workers over all its rows (one per request in flight).",
 		"",
 	]
 	lines += verdicts or ["- none: every pooled row is at least as good as its pool-off row"]
+	# the cells where the pool kept almost nothing take plain Frappe's path plus the pool's bookkeeping:
+	# together their paired rounds say what that path costs, closer than any one cell can
+	plain_path = [
+		(on, offs[cell_key(on)])
+		for on in ons
+		if on["variant"] == "default" and on["shape"] != "single" and (on["hit_rate"] or 0) < 0.1
+	]
+	if plain_path:
+		rps = [
+			(a, b)
+			for on, off in plain_path
+			for a, b in zip(on["rps_rounds"], off["rps_rounds"], strict=False)
+		]
+		p95 = [
+			(a, b)
+			for on, off in plain_path
+			for a, b in zip(on["p95_rounds"], off["p95_rounds"], strict=False)
+		]
+		lines += [
+			"",
+			f"Cells where the pool kept almost nothing (hit < 10%: {len(plain_path)} cells, {len(rps)} paired "
+			"rounds), all together, what plain Frappe's path plus the pool's bookkeeping costs: req/s "
+			f"{_ci(paired_ratio(rps))}, p95 {_ci(paired_ratio(p95))}.",
+		]
 	engine = [r for r in merged if r["engine"]]
 	if engine:
 		lines += [
