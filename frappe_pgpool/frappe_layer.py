@@ -33,10 +33,11 @@ _keepalive_failed = False  # libpq could not set them on this system: connection
 # (site, host, port, dbname, user) -> (password, its PoolKey): the key's digest is made once per identity,
 # not per checkout; a changed password replaces the entry (the password is held as Frappe's conf holds it)
 _keys: dict[tuple, tuple[str | None, PoolKey]] = {}
-# (Frappe's connect arguments, our options) -> the connection string psycopg2 builds from them: psycopg2's
-# make_dsn escapes every value in Python at each connect; built once per identity, it is passed whole
-# (and only parsed, in C). Held as Frappe's conf holds the password; a few per site in practice.
-_dsns: dict[tuple, str] = {}
+# (Frappe's connect arguments but the password, our options) -> (password, the connection string psycopg2
+# builds from them): psycopg2's make_dsn escapes every value in Python at each connect; built once per
+# identity, it is passed whole (and only parsed, in C). Keyed on str() of each value, as make_dsn writes
+# it; a changed password replaces the entry (held as Frappe's conf holds it). A few per site in practice.
+_dsns: dict[tuple, tuple[object, str]] = {}
 _CONNECT_ARGUMENTS = {"connection_factory", "cursor_factory", "async", "async_"}  # not libpq options
 publisher = Publisher(registry)
 
@@ -183,17 +184,17 @@ def psycopg2_connect(wrapped, instance, args, kwargs):
 	if not options:
 		return wrapped(*args, **kwargs)
 	if not args and "dsn" not in kwargs and _CONNECT_ARGUMENTS.isdisjoint(kwargs):  # Frappe's call
-		try:
-			key = (tuple(kwargs.items()), tuple(options.items()))
-			dsn = _dsns.get(key)
-		except TypeError:  # an unhashable value: build it as psycopg2 would, below
-			pass
-		else:
-			if dsn is None:
-				if len(_dsns) > 1024:  # never unbounded
-					_dsns.clear()
-				dsn = _dsns[key] = ext.make_dsn(**{**options, **kwargs})
-			return wrapped(dsn)
+		password = kwargs.get("password")
+		key = (
+			tuple((k, str(v)) for k, v in kwargs.items() if k != "password"),
+			tuple((k, str(v)) for k, v in options.items()),
+		)
+		cached = _dsns.get(key)
+		if cached is None or cached[0] != password:
+			if len(_dsns) > 4096:  # never unbounded
+				_dsns.clear()
+			cached = _dsns[key] = (password, ext.make_dsn(**{**options, **kwargs}))
+		return wrapped(cached[1])
 	dsn = args[0] if args else kwargs.get("dsn")
 	given = set(ext.parse_dsn(dsn)) if dsn else set()
 	kwargs = {**{k: v for k, v in options.items() if k not in given}, **kwargs}

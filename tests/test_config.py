@@ -131,7 +131,8 @@ def test_libpq_options_of_a_pooled_connection(mode, keep, named):
 def test_the_pools_libpq_options_reach_the_connection_however_psycopg2_is_called(bouncer):
 	"""The psycopg2.connect wrapper adds the pool's options while a pooled connection is opened. Called as
 	Frappe calls it (keywords), it builds the connection string once per identity and passes it whole;
-	with a DSN, or a caller's own value for one of the options, the caller's value wins."""
+	with a DSN, or a caller's own value for one of the options, the caller's value wins. A changed
+	password replaces its identity's string: the old one is not kept."""
 	import psycopg2
 
 	from frappe_pgpool import frappe_layer
@@ -156,6 +157,15 @@ def test_the_pools_libpq_options_reach_the_connection_however_psycopg2_is_called
 		assert len(frappe_layer._dsns) == built  # the same identity's next call reuses the string
 		opened.append(connect(**{**frappe_like, "connect_timeout": 3}))  # the caller's own value wins
 		opened.append(connect(bouncer.dsn("app1", USERS["app1"], "app1", connect_timeout=4)))
+		entries = len(frappe_layer._dsns)
+
+		def holding_the_password() -> int:
+			return sum(USERS["app1"] in dsn for _password, dsn in frappe_layer._dsns.values())
+
+		held = holding_the_password()
+		with pytest.raises(psycopg2.OperationalError):  # a changed password replaces the entry
+			connect(**{**frappe_like, "password": "changed"})
+		assert len(frappe_layer._dsns) == entries and holding_the_password() == held - 1
 	finally:
 		frappe_layer._connect_options.value = None
 	plain = connect(**frappe_like)  # not opened by the pool: nothing added

@@ -362,8 +362,8 @@ class ConnectionPool:
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
-		keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer only costs a close
 		try:
+			keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer costs a close
 			outer = opening_to_keep()  # a connect callable that itself opens a pooled connection
 			_connecting.keep = keeping
 			try:
