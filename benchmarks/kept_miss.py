@@ -31,6 +31,16 @@ from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # 
 from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
 from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
 
+# one request's database work, as the probes of this file and plain_path.py run it in a bench process
+REQUEST = """
+def request(site):
+    frappe.init(site=site)
+    frappe.connect()
+    frappe.db.sql("select 1")
+    frappe.db.sql("select 2")
+    frappe.destroy()
+"""
+
 PROBE = """
 import random, time
 import frappe
@@ -45,13 +55,7 @@ sites = os.environ["PGPOOL_SITES"].split()
 rng = random.Random(int(os.environ["PGPOOL_SEED"]))
 plan = [rng.choice(sites) for _ in range(int(os.environ["PGPOOL_CHECKOUTS"]))]
 
-def request(site):
-    frappe.init(site=site)
-    frappe.connect()
-    frappe.db.sql("select 1")
-    frappe.db.sql("select 2")
-    frappe.destroy()
-
+{request}
 for site in sites[:3]:  # imports and the first connection of the process
     request(site)
 cpu, wall = time.process_time(), time.perf_counter()
@@ -60,6 +64,7 @@ for site in plan:
 cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
 out({"cpu_ms": cpu * 1000 / len(plan), "wall_ms": wall * 1000 / len(plan)})
 """
+PROBE = PROBE.replace("{request}", REQUEST)
 
 ROWS = ("off", "closing", "keeping", "default")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.kept_miss import REQUEST  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
 from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
@@ -42,13 +43,7 @@ off, on = os.environ["PGPOOL_OFF"].split(), os.environ["PGPOOL_ON"].split()
 block = int(os.environ["PGPOOL_BLOCK"])
 rng = random.Random(1)
 
-def request(site):
-    frappe.init(site=site)
-    frappe.connect()
-    frappe.db.sql("select 1")
-    frappe.db.sql("select 2")
-    frappe.destroy()
-
+{request}
 for site in off[:3] + on[:3]:  # imports, and the pooled process's first (kept) connection
     request(site)
 figures = {"off": [], "on": []}
@@ -65,6 +60,7 @@ stats = frappe_layer.registry.snapshot()
 figures["closed_not_reused"] = stats["not_reused"]
 out(figures)
 """
+PROBE = PROBE.replace("{request}", REQUEST)
 
 
 def paired(on: list[float], off: list[float]) -> str:
