@@ -17,7 +17,6 @@ how the pool ships): "options" (no libpq options at all).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.kept_miss import REQUEST  # noqa: E402
+from benchmarks.sites import paired_ratio, ratio_text  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
 from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
@@ -61,13 +61,6 @@ figures["closed_not_reused"] = stats["not_reused"]
 out(figures)
 """
 PROBE = PROBE.replace("{request}", REQUEST)
-
-
-def paired(on: list[float], off: list[float]) -> str:
-	logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
-	mean = statistics.fmean(logs)
-	half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
-	return f"x{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
 
 
 def main() -> int:
@@ -107,7 +100,7 @@ def main() -> int:
 		on_ms = [f[i] for f in figures["on"]]
 		print(
 			f"{what:4} per request: off {statistics.median(off_ms):.3f} ms, on {statistics.median(on_ms):.3f} ms "
-			f"(medians of the blocks); on/off {paired(on_ms, off_ms)}"
+			f"(medians of the blocks); on/off {ratio_text(paired_ratio(list(zip(on_ms, off_ms, strict=True))), 3)}"
 		)
 	return 0
 

@@ -421,9 +421,7 @@ def summary(rows: list[dict]) -> list[dict]:
 			return sum(m[name] for m in members) / len(members)
 
 		def median(name: str, members=members) -> float:
-			values = sorted(m[name] for m in members)
-			middle = len(values) // 2
-			return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+			return _median([m[name] for m in members])
 
 		latencies = sorted(x / 1000 for m in members for x in m.get("latencies_ms", []))
 
@@ -488,8 +486,11 @@ def paired_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float]
 	return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def _ci(ratio: tuple[float, float, float] | None) -> str:
-	return "-" if ratio is None else f"x{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]"
+def ratio_text(ratio: tuple[float, float, float] | None, digits: int = 2) -> str:
+	if ratio is None:
+		return "-"
+	mean, low, high = (f"{x:.{digits}f}" for x in ratio)
+	return f"x{mean} [{low}, {high}]"
 
 
 def _median(values: list[float]) -> float:
@@ -594,7 +595,7 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		p95_paired = paired_ratio(rounds_paired(on, off, "p95"))
 		lines.append(
 			f"| {on['placement']} | {on['workers']} | {on['shape']} | {on['traffic']} | {name} | {ratio:.2f} | "
-			f"{_ci(rps_paired)} | {on['p95'] / off['p95']:.2f} | {_ci(p95_paired)} | "
+			f"{ratio_text(rps_paired)} | {on['p95'] / off['p95']:.2f} | {ratio_text(p95_paired)} | "
 			f"{off['errors']}/{on['errors']} | {servers} | "
 			f"{off['peak_backends']} -> {on['peak_backends']} | {_opt(on['hit_rate'], '{:.0%}')} | "
 			f"{_opt(share, '{:.0%}')} |"
@@ -606,11 +607,11 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 			worse.append(f"{on['errors']} errors")
 		if ratio < 1 or (rps_paired and rps_paired[0] < 1):
 			beyond = rps_paired is not None and rps_paired[2] < 1
-			(worse if beyond else unclear).append(f"req/s x{ratio:.2f}, paired {_ci(rps_paired)}")
+			(worse if beyond else unclear).append(f"req/s x{ratio:.2f}, paired {ratio_text(rps_paired)}")
 		if on["p95"] > off["p95"] or (p95_paired and p95_paired[0] > 1):
 			beyond = p95_paired is not None and p95_paired[1] > 1
 			(worse if beyond else unclear).append(
-				f"p95 x{on['p95'] / off['p95']:.2f}, paired {_ci(p95_paired)}"
+				f"p95 x{on['p95'] / off['p95']:.2f}, paired {ratio_text(p95_paired)}"
 			)
 		plain = plain_peak.get((on["placement"], on["workers"]))
 		if on["peak_servers"] is not None and plain is not None and on["peak_servers"] > plain:
@@ -619,11 +620,11 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 			worse.append(f"backends {on['peak_backends']} > {WORKERS[on['workers']][2]} requests in flight")
 		if on["traffic"] == "zipf" and share is not None and share < 0.5:
 			worse.append(f"{share:.0%} of the single-site gain")
-		name = f"- {on['placement']}, {on['workers']}, {on['shape']}, {on['traffic']}: "
+		cell = f"- {on['placement']}, {on['workers']}, {on['shape']}, {on['traffic']}: "
 		if worse:
-			verdicts.append(name + "; ".join(worse))
+			verdicts.append(cell + "; ".join(worse))
 		if unclear:
-			noise.append(name + "; ".join(unclear))
+			noise.append(cell + "; ".join(unclear))
 	lines += [
 		"",
 		"## Goals missed (defaults)",
@@ -655,7 +656,7 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 			f"The cells where the pool kept almost nothing (hit < 10%: {len(plain_path)} cells, {len(rps)} "
 			"paired rounds), all together: nearly every request takes plain Frappe's path plus the pool's "
 			"bookkeeping (and the few kept misses of those cells): req/s "
-			f"{_ci(paired_ratio(rps))}, p95 {_ci(paired_ratio(p95))}.",
+			f"{ratio_text(paired_ratio(rps))}, p95 {ratio_text(paired_ratio(p95))}.",
 		]
 	engine = [r for r in merged if r["engine"]]
 	if engine:

@@ -9,18 +9,10 @@ import frappe
 from . import observe, publish
 from .patch import is_installed
 from .pool import registry
+from .pool.connection import keepalive_options
 
-# the libpq options the pool may add to a connection (connect_options): none of them a secret
-_POOL_OPTIONS = frozenset(
-	(
-		"connect_timeout",
-		"keepalives",
-		"keepalives_idle",
-		"keepalives_interval",
-		"keepalives_count",
-		"tcp_user_timeout",
-	)
-)
+# the libpq options the pool may add to a connection (frappe_layer.connect_options): none of them a secret
+_POOL_OPTIONS = frozenset(("connect_timeout", *keepalive_options()))
 
 
 @frappe.whitelist()
