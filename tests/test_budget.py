@@ -677,8 +677,8 @@ def test_a_worker_that_keeps_one_connection_keeps_a_site_only_when_it_would_hit_
 	assert 0.25 < hot_pool["reuse_rate"] < 0.4 and hot_pool["keeping"] is False
 	closed = hot_pool["closed"].get("not_reused", 0)
 	assert hot_pool["hits"] == 0 and closed >= 46  # of 48: closed on return, as plain Frappe's
-	half = []  # then two in a row each time: half of its checkouts would hit
-	for cycle in range(16):
+	half = []  # then two in a row each time: half of its checkouts would hit (8 of 16, REUSE_MARGIN over 40%)
+	for cycle in range(24):
 		half += [hot, hot, cold[(2 * cycle) % 16], cold[(2 * cycle + 1) % 16]]
 	run(half)
 	hot_pool = reg.pools()[hot].snapshot()
@@ -696,6 +696,40 @@ def test_a_worker_that_keeps_one_connection_keeps_a_site_only_when_it_would_hit_
 		f"\none slot: a third would-hit, {closed} of 48 closed; half: {hot_pool['hits']} hits; two slots, a "
 		f"third: {hot_two['hits']} hits"
 	)
+
+
+def test_a_site_just_above_the_rate_by_chance_is_not_kept(bouncer, reg):
+	"""A window of 16 checkouts is noisy: a site that would hit 31% of the time shows 7 of 16 (above a sync
+	worker's 40%) about one window in six, and keeping it then only adds kept misses (benchmarks/miss_path.py).
+	So a site is kept when its rate is above the threshold by more than half the window's standard
+	deviation: 7 of 16 is not enough, 10 of 16 is."""
+	config = PoolConfig(enabled=True, size=2)
+	hot, *cold = sites(bouncer, 17, "chance")
+	connect = {k: named_factory(bouncer, "chance", k.user) for k in [hot, *cold]}
+	spread = iter([cold[i % 16] for i in range(10_000)])
+
+	def run(runs):  # hot served `n` times in a row for each n, two other sites in between
+		for n in runs:
+			for key in [hot] * n + [next(spread), next(spread)]:
+				conn = reg.getconn(key, config, connect[key])
+				backend_pid(conn)
+				reg.putconn(conn)
+
+	seven = [2] * 7 + [1] * 2  # 16 checkouts of hot, 7 would hit (the second of each pair): 44%
+	run(seven * 3)
+	before = reg.pools()[hot].snapshot()
+	run(seven * 2)
+	after = reg.pools()[hot].snapshot()
+	assert reg.snapshot()["limit"] == 1 and after["reuse_rate"] == 0.438
+	assert after["keeping"] is False and after["hits"] == before["hits"]
+	assert after["closed"]["not_reused"] - before["closed"].get("not_reused", 0) == 32
+	ten = [3] * 5 + [1]  # 16 checkouts, 10 would hit: 62%
+	run(ten * 3)
+	before = reg.pools()[hot].snapshot()
+	run(ten * 2)
+	after = reg.pools()[hot].snapshot()
+	assert after["reuse_rate"] == 0.625 and after["keeping"] is True
+	assert after["hits"] - before["hits"] == 20
 
 
 def test_a_worker_whose_requests_open_a_replica_still_keeps_one_connection_per_request(bouncer, reg):
