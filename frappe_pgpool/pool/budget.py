@@ -64,11 +64,13 @@ if TYPE_CHECKING:
 # the primary has a limit of 2 but still runs one request at a time, so it too needs 40%: the rate keys on
 # the threads that ever held checkouts at once, not on the limit (a numeric budget above 1 keeps several).
 # A window is a sample: a site that would hit 31% of the time shows 7 of 16 (over 40%) in about one
-# window of six, and 20% shows 4 of 16 (25%) in two of five; keeping on such a window only adds kept
-# misses (benchmarks/miss_path.py: 4 gthread threads over 20 sites, uniform, 4-5% hits, worker CPU
-# x1.06). So the rate must be above the threshold by REUSE_MARGIN standard deviations of the window's
-# count (binomial at the threshold): 8 of 16 at 40%, 5 of 16 at 25%; 28 and 18 of 64. Not under
-# POOL_EVIDENCE outcomes: a process's first checkouts decide at once, as above.
+# window of five, and 20% shows 4 of 16 (25%) in two of five; keeping on such a window only adds kept
+# misses (benchmarks/miss_path.py: 2 gthread workers over 20 sites, uniform: 3.5-5.3% hits). So the
+# count must be above the threshold by REUSE_MARGIN standard deviations of a binomial count at that rate:
+# 8 of 16 at 40%, 5 of 16 at 25%; 28 and 18 of 64. This halves the openings by chance without removing
+# them, and a site truly above the rate is kept less often (at 45%, 44% of its windows pass, not 63%).
+# Not under POOL_EVIDENCE outcomes (only the process's window is that short, over its first
+# checkouts): those decide at once, as above.
 REUSE_WINDOW = 64
 REUSE_MIN_RATE = 0.25
 REUSE_MIN_RATE_ONE_SLOT = 0.4
