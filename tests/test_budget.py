@@ -732,6 +732,41 @@ def test_a_site_just_above_the_rate_by_chance_is_not_kept(bouncer, reg):
 	assert after["hits"] - before["hits"] == 16
 
 
+def test_with_two_slots_the_margin_applies_at_the_lower_rate(bouncer):
+	"""With db_pool_process_budget 2 the threshold is 25% (budget.REUSE_MIN_RATE) and the margin puts it at
+	5 of 16: a site that would hit 4 times in 16 is not kept, one that would hit 5 times is."""
+	config = PoolConfig(enabled=True, size=2)
+	hot, *cold = sites(bouncer, 17, "two-slots")
+	connect = {k: named_factory(bouncer, "two-slots", k.user) for k in [hot, *cold]}
+	spread = iter([cold[i % 16] for i in range(10_000)])
+	two = PoolRegistry(reap_interval=0)
+
+	def run(gaps):  # hot, then `gap` other sites: after one other site it is among the last two returned
+		for gap in gaps:
+			for key in [hot] + [next(spread) for _ in range(gap)]:
+				conn = two.getconn(key, config, connect[key], 2)
+				backend_pid(conn)
+				two.putconn(conn)
+
+	try:
+		four = [1] * 4 + [2] * 12  # 16 checkouts of hot, 4 would hit: 25%
+		run(four * 3)
+		before = two.pools()[hot].snapshot()
+		run(four * 2)
+		after = two.pools()[hot].snapshot()
+		assert two.snapshot()["reuse_min_rate"] == 0.25 and after["reuse_rate"] == 0.25
+		assert after["keeping"] is False and after["hits"] == before["hits"]
+		five = [1] * 5 + [2] * 11  # 5 would hit: 31%
+		run(five * 3)
+		before = two.pools()[hot].snapshot()
+		run(five * 2)
+		after = two.pools()[hot].snapshot()
+		assert after["reuse_rate"] == 0.312 and after["keeping"] is True
+		assert after["hits"] - before["hits"] >= 10
+	finally:
+		two.close_all()
+
+
 def test_a_worker_whose_requests_open_a_replica_still_keeps_one_connection_per_request(bouncer, reg):
 	"""A sync worker whose requests open the replica while holding the primary has a limit of 2, but it
 	still runs one request at a time: a kept miss is evicted inside the next request for another site,
