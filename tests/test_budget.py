@@ -62,6 +62,23 @@ def in_thread(fn):
 	return result[0]
 
 
+def serve(registry: PoolRegistry, keys, config: PoolConfig, connect: dict, budget: object = None) -> None:
+	"""One checkout per key, in order, each running a query and returned before the next (a sync worker)."""
+	for key in keys:
+		conn = registry.getconn(key, config, connect[key], budget)
+		backend_pid(conn)
+		registry.putconn(conn)
+
+
+def settled(registry: PoolRegistry, key, run, period: list) -> tuple[dict, dict]:
+	"""Run `period` three times, so that every window holds it alone, then twice more: the snapshots of
+	key's pool before and after those two."""
+	run(period * 3)
+	before = registry.pools()[key].snapshot()
+	run(period * 2)
+	return before, registry.pools()[key].snapshot()
+
+
 @pytest.fixture
 def reg():
 	registry = PoolRegistry(reap_interval=0)
@@ -606,19 +623,12 @@ def test_connections_are_kept_only_while_keeping_pays(bouncer, reg):
 	keys = sites(bouncer, 20, "reuse-gate")
 	connect = {k: named_factory(bouncer, "reuse-gate", k.user) for k in keys}
 	before = bouncer.stats("app1")["total_query_count"]
-	for i in range(80):  # round robin over 20 sites: no checkout would ever hit
-		key = keys[i % 20]
-		conn = reg.getconn(key, config, connect[key])
-		backend_pid(conn)
-		reg.putconn(conn)
+	serve(reg, [keys[i % 20] for i in range(80)], config, connect)  # round robin: no checkout would ever hit
 	snap = reg.snapshot()
 	assert snap["keeping"] is False and snap["reuse_rate"] == 0
 	assert snap["not_reused"] == 79 and snap["open"] == 0  # only the process's first was kept (evicted)
 	queries = int(bouncer.stats("app1")["total_query_count"]) - int(before)
-	for _ in range(70):  # one site only: it would hit every time
-		conn = reg.getconn(keys[0], config, connect[keys[0]])
-		backend_pid(conn)
-		reg.putconn(conn)
+	serve(reg, [keys[0]] * 70, config, connect)  # one site only: it would hit every time
 	snap = reg.snapshot()
 	assert snap["keeping"] is True and snap["open"] == 1
 	assert reg.pools()[keys[0]].snapshot()["hits"] >= 40
@@ -637,10 +647,7 @@ def test_a_busy_site_keeps_its_connection_while_the_spread_ones_are_closed(bounc
 	for cycle in range(24):
 		plan += [hot, hot, cold[(4 * cycle) % 16], cold[(4 * cycle + 1) % 16], cold[(4 * cycle + 2) % 16]]
 		plan += [cold[(4 * cycle + 3) % 16]]
-	for key in plan:
-		conn = reg.getconn(key, config, connect[key])
-		backend_pid(conn)
-		reg.putconn(conn)
+	serve(reg, plan, config, connect)
 	snap = reg.snapshot()
 	assert snap["reuse_rate"] < 0.25 and snap["keeping"] is False  # the process as a whole
 	hot_pool = reg.pools()[hot].snapshot()
@@ -662,10 +669,7 @@ def test_a_worker_that_keeps_one_connection_keeps_a_site_only_when_it_would_hit_
 	connect = {k: named_factory(bouncer, "one-slot", k.user) for k in [hot, *cold]}
 
 	def run(plan, registry=reg, budget=None):
-		for key in plan:
-			conn = registry.getconn(key, config, connect[key], budget)
-			backend_pid(conn)
-			registry.putconn(conn)
+		serve(registry, plan, config, connect, budget)
 
 	third = []  # hot: 3 of 9 checkouts, one right after another, the others 3 apart: a third would hit
 	for cycle in range(16):  # with one slot or two
@@ -710,24 +714,15 @@ def test_a_site_just_above_the_rate_by_chance_is_not_kept(bouncer, reg):
 
 	def run(runs):  # hot served `n` times in a row for each n, two other sites in between
 		for n in runs:
-			for key in [hot] * n + [next(spread), next(spread)]:
-				conn = reg.getconn(key, config, connect[key])
-				backend_pid(conn)
-				reg.putconn(conn)
+			serve(reg, [hot] * n + [next(spread), next(spread)], config, connect)
 
 	seven = [2] * 7 + [1] * 2  # 16 checkouts of hot, 7 would hit (the second of each pair): 44%
-	run(seven * 3)
-	before = reg.pools()[hot].snapshot()
-	run(seven * 2)
-	after = reg.pools()[hot].snapshot()
+	before, after = settled(reg, hot, run, seven)
 	assert reg.snapshot()["limit"] == 1 and after["reuse_rate"] == 0.438
 	assert after["keeping"] is False and after["hits"] == before["hits"]
 	assert after["closed"]["not_reused"] - before["closed"].get("not_reused", 0) == 32
 	eight = [2] * 8  # 16 checkouts, 8 would hit: 50%
-	run(eight * 3)
-	before = reg.pools()[hot].snapshot()
-	run(eight * 2)
-	after = reg.pools()[hot].snapshot()
+	before, after = settled(reg, hot, run, eight)
 	assert after["reuse_rate"] == 0.5 and after["keeping"] is True
 	assert after["hits"] - before["hits"] == 16
 
@@ -743,24 +738,15 @@ def test_with_two_slots_the_margin_applies_at_the_lower_rate(bouncer):
 
 	def run(gaps):  # hot, then `gap` other sites: after one other site it is among the last two returned
 		for gap in gaps:
-			for key in [hot] + [next(spread) for _ in range(gap)]:
-				conn = two.getconn(key, config, connect[key], 2)
-				backend_pid(conn)
-				two.putconn(conn)
+			serve(two, [hot] + [next(spread) for _ in range(gap)], config, connect, 2)
 
 	try:
 		four = [1] * 4 + [2] * 12  # 16 checkouts of hot, 4 would hit: 25%
-		run(four * 3)
-		before = two.pools()[hot].snapshot()
-		run(four * 2)
-		after = two.pools()[hot].snapshot()
+		before, after = settled(two, hot, run, four)
 		assert two.snapshot()["reuse_min_rate"] == 0.25 and after["reuse_rate"] == 0.25
 		assert after["keeping"] is False and after["hits"] == before["hits"]
 		five = [1] * 5 + [2] * 11  # 5 would hit: 31%
-		run(five * 3)
-		before = two.pools()[hot].snapshot()
-		run(five * 2)
-		after = two.pools()[hot].snapshot()
+		before, after = settled(two, hot, run, five)
 		assert after["reuse_rate"] == 0.312 and after["keeping"] is True
 		assert after["hits"] - before["hits"] >= 10
 	finally:
