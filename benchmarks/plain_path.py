@@ -137,31 +137,27 @@ def main() -> int:
 	finally:
 		remove_quick_sites(BENCH, off + on)
 	requests = args.block * args.blocks
-	if args.unpatched:
+	if args.unpatched:  # the "off" side ran with the wrappers installed, the "on" side without them
 		print(
 			f"{args.sites} sites, pooling off, {args.blocks} blocks of {args.block} requests per side, one process"
 		)
-		for i, what in enumerate(("CPU", "wall")):
-			installed = [f[i] for f in figures["off"]]
-			unpatched = [f[i] for f in figures["on"]]
-			pairs = list(zip(installed, unpatched, strict=True))
-			print(
-				f"{what:4} per request: installed {statistics.median(installed):.3f} ms, unpatched "
-				f"{statistics.median(unpatched):.3f} ms (medians of the blocks); installed/unpatched "
-				f"{ratio_text(paired_ratio(pairs), 3)}"
-			)
-		return 0
-	print(
-		f"{args.sites} sites per set, {args.blocks} blocks of {args.block} requests each, one process"
-		f"{', ablated: ' + args.ablate if args.ablate else ''}; pooled connections closed on return: "
-		f"{figures['closed_not_reused']} of {requests}"
-	)
-	for i, what in enumerate(("CPU", "wall")):
-		off_ms = [f[i] for f in figures["off"]]
-		on_ms = [f[i] for f in figures["on"]]
+		sides = (("installed", "off"), ("unpatched", "on"))
+	else:
 		print(
-			f"{what:4} per request: off {statistics.median(off_ms):.3f} ms, on {statistics.median(on_ms):.3f} ms "
-			f"(medians of the blocks); on/off {ratio_text(paired_ratio(list(zip(on_ms, off_ms, strict=True))), 3)}"
+			f"{args.sites} sites per set, {args.blocks} blocks of {args.block} requests each, one process"
+			f"{', ablated: ' + args.ablate if args.ablate else ''}; pooled connections closed on return: "
+			f"{figures['closed_not_reused']} of {requests}"
+		)
+		sides = (("on", "on"), ("off", "off"))
+	(top, top_key), (bottom, bottom_key) = sides
+	for i, what in enumerate(("CPU", "wall")):
+		top_ms = [f[i] for f in figures[top_key]]
+		bottom_ms = [f[i] for f in figures[bottom_key]]
+		pairs = list(zip(top_ms, bottom_ms, strict=True))
+		print(
+			f"{what:4} per request: {bottom} {statistics.median(bottom_ms):.3f} ms, {top} "
+			f"{statistics.median(top_ms):.3f} ms (medians of the blocks); {top}/{bottom} "
+			f"{ratio_text(paired_ratio(pairs), 3)}"
 		)
 	return 0
 
