@@ -10,6 +10,7 @@ traffic still lets go of them (pgBouncer's PAUSE and safe shutdown wait for ever
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import select
@@ -381,7 +382,9 @@ class ConnectionPool:
 				self._released()
 			raise
 		now = self._clock()
-		record = _Record(conn, defaults, poller, created_at=now, expires_at=self._expiry(now))
+		# one not kept is closed on return whatever its age: no lifetime to draw
+		expires_at = self._expiry(now) if keeping else math.inf
+		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires_at)
 		with self._lock:
 			self._opening -= 1
 			self.stats.created += 1
@@ -420,12 +423,30 @@ class ConnectionPool:
 			if record is None or record.conn is not conn:
 				return False
 			del self._in_use[id(conn)]
-			self._returning += 1  # keeps its slot while it is reset: the size bound holds
 			leaks = self._find_leaks() if self.config.leak_warning else None
 			budget = self._budget
 			budget.note_return(self)
-			# kept only while keeping pays, or when a caller of this pool is waiting for it
-			keep = budget.reuse_pays(self) or any(w.pool is self for w in budget.waiters)
+			if record.defaults is None and os.getpid() == self.pid:
+				# Opened while keeping did not pay: closed whatever the gate says now, as plain Frappe closes
+				# it (no rollback, no reset). Decided here without I/O, so one lock section less than a
+				# kept connection's return: this is the path of every request whose site would not hit.
+				reason = self._retire_reason(record, discard) or "not_reused"
+				budget.checkout_ended(record.thread)
+				self.stats.closed[reason] += 1
+				if reason == "not_reused":
+					budget.not_reused += 1
+			else:
+				reason = None
+				self._returning += 1  # keeps its slot while it is reset: the size bound holds
+				# kept only while keeping pays, or when a caller of this pool is waiting for it
+				keep = budget.reuse_pays(self) or any(w.pool is self for w in budget.waiters)
+		if reason is not None:
+			if leaks:
+				self._log_leaks(leaks)  # outside the lock: logging handlers take locks and allocate
+			close_quietly(conn)
+			with self._lock:
+				self._released()  # counted open until closed: never more than the budget at once
+			return True
 		forked = os.getpid() != self.pid
 		try:
 			if leaks:
@@ -435,7 +456,7 @@ class ConnectionPool:
 				reason = "fork"
 			else:
 				reason = self._retire_reason(record, discard)
-				if reason is None and (not keep or record.defaults is None):
+				if reason is None and not keep:
 					reason = "not_reused"  # closed as plain Frappe closes it: no rollback, no reset
 			if reason is None:
 				try:
@@ -585,7 +606,8 @@ class ConnectionPool:
 			self.config = config
 			if lifetime_changed:  # applies to the connections already open, not only to new ones
 				for record in [*self._idle, *self._in_use.values()]:
-					record.expires_at = self._expiry(record.created_at)
+					if record.defaults is not None:  # one not kept has no lifetime (see _open)
+						record.expires_at = self._expiry(record.created_at)
 			excess = max(0, self._total() - config.size)
 			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
 			self._budget.dispatch()  # a larger size lets this pool's waiters open connections
