@@ -11,7 +11,7 @@ its caches and the machine's load of the moment, so the paired blocks differ onl
 as on/off of CPU and wall per request, the geometric mean over the pairs with its 95% interval. What the
 process cannot see: HTTP, gunicorn and pgBouncer (there is none here), and what other processes pay.
 --ablate names parts to leave out of the pooled set, to find what costs what (a measurement, never
-how the pool ships): "options" (no libpq options at all), "finalizer" (no weakref.finalize on the
+how the pool ships): "options" (no libpq options at all), "finalizer" (no weak reference watching the
 Database), "engine" (a pass-through registry: no budget, gate, records or stats), or several, comma
 separated. --unpatched measures the off side itself instead: the pool-off sites with the app's wrappers
 installed against the same sites with the patch uninstalled (Frappe as it ships), alternating the same way.
@@ -34,7 +34,7 @@ from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
 from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
 
 PROBE = """
-import random, time, types
+import random, time
 import frappe
 from frappe_pgpool import frappe_layer
 from frappe_pgpool.pool import budget
@@ -44,12 +44,7 @@ parts = set(filter(None, os.environ["PGPOOL_ABLATE"].split(",")))
 if "options" in parts:
     frappe_layer.connect_options = lambda *args: {}
 if "finalizer" in parts:
-    class NoFinalizer:
-        def __init__(self, *args):
-            pass
-        def detach(self):
-            pass
-    frappe_layer.weakref = types.SimpleNamespace(finalize=NoFinalizer)
+    frappe_layer._watch = lambda instance, conn: None
 if "engine" in parts:
     class PassThrough:  # the registry's calls, without its bookkeeping
         def __init__(self):

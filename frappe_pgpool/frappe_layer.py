@@ -5,6 +5,7 @@ Every decision that is not about Frappe lives in `frappe_pgpool.pool`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,11 +22,13 @@ from .publish import Publisher
 
 log = logging.getLogger("frappe_pgpool")
 
-# site -> (fingerprint of its db_pool_* values, parsed config or None when pooling is off)
-_config_cache: dict[str, tuple[str, PoolConfig | None]] = {}
+# site -> (its conf's keys, in order; which of them are db_pool_* keys; a fingerprint of their values;
+# the parsed config, or None when pooling is off)
+_config_cache: dict[str, tuple[tuple, tuple[str, ...], str, PoolConfig | None]] = {}
 _config_lock = threading.Lock()
-# id(conn) -> finalizer on the Database that checked it out, detached when it comes back
-_finalizers: dict[int, weakref.finalize] = {}
+# id(conn) -> weak reference to the Database that checked it out, whose callback gives the connection up
+# when that object is collected first; dropped when the connection comes back (then it never fires)
+_finalizers: dict[int, weakref.ref] = {}
 # libpq options for the pooled connection this thread is opening right now (connect_options, psycopg2_connect)
 _connect_options = threading.local()
 _KEEPALIVE = keepalive_options()
@@ -48,20 +51,27 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	Off unless `db_pool_enabled` is set (install-app sets it). A bad value is logged once per
 	distinct value, naming the key, and the site is served unpooled rather than failing.
 	"""
+	# Called at every connection, pooled or not, with a conf Frappe builds anew per request: while its
+	# keys are those seen last time, only the values of its db_pool_* keys are looked at (by repr, which
+	# tells 1 from True and "1"), a few microseconds instead of a pass over every key.
+	keys = tuple(conf)
+	cached = _config_cache.get(site)
+	if cached is not None and cached[0] == keys:
+		fingerprint = repr([conf[key] for key in cached[1]])
+		if fingerprint == cached[2]:
+			return cached[3]
 	# Every db_pool_* key, so that a misspelt one is reported; the process budget is the registry's
 	# (a bad value there logs and falls back to auto instead of unpooling the site).
-	given = {
-		key: value
-		for key, value in conf.items()
-		if isinstance(key, str)
-		and key.startswith(KEY_PREFIX)
-		and key != PROCESS_BUDGET_KEY
-		and value is not None
-	}
-	fingerprint = repr(given)
-	cached = _config_cache.get(site)
-	if cached is not None and cached[0] == fingerprint:
-		return cached[1]
+	pool_keys = tuple(
+		key
+		for key in keys
+		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key != PROCESS_BUDGET_KEY
+	)
+	fingerprint = repr([conf[key] for key in pool_keys])
+	if cached is not None and cached[1] == pool_keys and cached[2] == fingerprint:
+		_config_cache[site] = (keys, pool_keys, fingerprint, cached[3])  # other keys changed, not these
+		return cached[3]
+	given = {key: conf[key] for key in pool_keys if conf[key] is not None}
 	config: PoolConfig | None
 	try:
 		parsed = parse_config(given)
@@ -70,7 +80,7 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 		log.error("%s; site %s is served without the pool until it is fixed", e, site)
 		config = None
 	with _config_lock:
-		_config_cache[site] = (fingerprint, config)
+		_config_cache[site] = (keys, pool_keys, fingerprint, config)
 	return config
 
 
@@ -98,8 +108,10 @@ def get_connection(wrapped, instance, args, kwargs):
 		# connect() over an open checkout (v16 reconnects on OperationalError without close()):
 		# give the old one back first, or it keeps its slot until the object is collected.
 		_give_back(instance, previous)
-	site = getattr(frappe.local, "site", None)
-	config = site_pool_config(site, frappe.local.conf) if site else None
+	local = frappe.local
+	site = getattr(local, "site", None)
+	conf = local.conf if site else None
+	config = site_pool_config(site, conf) if site else None
 	if config is None:
 		instance._pgpool_statements = None
 		if site and any(key.site == site for key in registry.pools()):
@@ -129,18 +141,23 @@ def get_connection(wrapped, instance, args, kwargs):
 			_connect_options.value = None
 
 	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
-	budget = frappe.local.conf.get("db_pool_process_budget")
+	budget = conf.get("db_pool_process_budget")
 	try:
 		conn = registry.getconn(pool_key(site, instance), config, connect, budget)
 	except PoolClosed:  # switched off by another thread meanwhile (or the process is exiting)
 		instance._pgpool_statements = None
 		return wrapped(*args, **kwargs)
-	publisher.configure(frappe.local.conf.get("redis_cache"))
+	publisher.configure(conf.get("redis_cache"))
 	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
-	# A Database dropped without close() (frappe.connect over an open one, a lost local)
-	# must not keep its slot: discard the connection when the object goes away.
-	_finalizers[id(conn)] = weakref.finalize(instance, _abandoned, conn)
+	_watch(instance, conn)
 	return conn
+
+
+def _watch(instance, conn) -> None:
+	"""A Database dropped without close() (frappe.connect over an open one, a lost local) must not keep
+	its slot: the connection is given up when the object is collected. A bare weak reference with a
+	callback, not weakref.finalize (a quarter of its cost; this runs at every checkout)."""
+	_finalizers[id(conn)] = weakref.ref(instance, functools.partial(_abandoned, conn))
 
 
 def connect_options(site: str, config: PoolConfig, keep: bool) -> dict[str, object]:
@@ -269,12 +286,10 @@ def _give_back(instance, conn, discard: bool = False) -> None:
 
 
 def _detach_finalizer(conn) -> None:
-	finalizer = _finalizers.pop(id(conn), None)
-	if finalizer is not None:
-		finalizer.detach()
+	_finalizers.pop(id(conn), None)  # a weak reference dropped before its object never calls back
 
 
-def _abandoned(conn) -> None:
+def _abandoned(conn, _ref=None) -> None:
 	# Run by the garbage collector, possibly inside an allocation made while this thread holds a pool
 	# lock: it must take no lock (a dict pop and a deque append are atomic). The registry discards the
 	# connection at its next checkout, return or reaper round.

@@ -95,6 +95,29 @@ def test_the_frappe_layer_reports_a_misspelt_key(caplog):
 	assert site_pool_config("typo.local", {"db_pool_enabled": 1, "db_pool_size": 4}).size == 4
 
 
+def test_the_frappe_layer_sees_every_change_of_a_sites_pool_keys(caplog):
+	"""site_pool_config runs at every connection on a conf Frappe builds anew per request, and only looks
+	at the db_pool_* values while the keys are those of last time: a changed value (1 to True, which
+	compare equal), a key added, removed or reordered, each is seen; a bad value is logged once."""
+	from frappe_pgpool.frappe_layer import site_pool_config
+
+	site = "changes.local"
+	conf = {"db_name": "_x", "db_pool_enabled": 1, "db_pool_size": 3, "redis_cache": "redis://h"}
+	assert site_pool_config(site, dict(conf)).size == 3
+	assert site_pool_config(site, {**conf, "db_pool_size": 5}).size == 5
+	with caplog.at_level("ERROR", logger="frappe_pgpool"):
+		assert site_pool_config(site, {**conf, "db_pool_size": True}) is None  # == 1, but not a number
+		assert site_pool_config(site, {**conf, "db_pool_size": True}) is None
+	assert caplog.text.count("db_pool_size") == 1
+	assert site_pool_config(site, {**conf, "db_pool_size": 1}).size == 1
+	assert site_pool_config(site, {**conf, "other": 1}).size == 3  # another key: the same settings
+	assert site_pool_config(site, {"db_pool_size": 2, **conf, "db_pool_timeout": 4}).timeout == 4
+	assert site_pool_config(site, dict(reversed(conf.items()))).size == 3
+	assert site_pool_config(site, {**conf, "db_pool_enabled": 0}) is None
+	assert site_pool_config(site, {k: v for k, v in conf.items() if k != "db_pool_enabled"}) is None
+	assert site_pool_config(site, {**conf, "db_pool_size": None}).size == 8  # null: the default
+
+
 def test_an_unknown_keys_value_is_not_echoed():
 	with pytest.raises(ConfigError) as raised:
 		parse_config({"db_pool_admin_dsn": "postgresql://u:s3cret@h/db"})

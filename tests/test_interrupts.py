@@ -14,7 +14,6 @@ import logging
 import signal
 import threading
 import time
-import weakref
 
 import pytest
 
@@ -104,7 +103,7 @@ def test_gc_finalizer_run_while_the_pool_lock_is_held_does_not_deadlock(bouncer,
 		db = Database()
 		abandoned = reg.getconn(key, config, connect)
 		# exactly what frappe_layer.get_connection registers for each checkout
-		frappe_layer._finalizers[id(abandoned)] = weakref.finalize(db, frappe_layer._abandoned, abandoned)
+		frappe_layer._watch(db, abandoned)
 		del db
 		collect_now.set()
 		got: list = []
