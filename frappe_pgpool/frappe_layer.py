@@ -52,8 +52,9 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	distinct value, naming the key, and the site is served unpooled rather than failing.
 	"""
 	# Called at every connection, pooled or not, with a conf Frappe builds anew per request: while its
-	# keys are those seen last time, only the values of its db_pool_* keys are looked at (by repr, which
-	# tells 1 from True and "1"), a few microseconds instead of a pass over every key.
+	# keys are those seen last time (compared in C), only the values of its db_pool_* keys are looked at
+	# (by repr, which tells 1 from True and "1"): a few microseconds instead of a Python pass over every
+	# key and a dict's repr.
 	keys = tuple(conf)
 	cached = _config_cache.get(site)
 	if cached is not None and cached[0] == keys:
@@ -69,7 +70,8 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	)
 	fingerprint = repr([conf[key] for key in pool_keys])
 	if cached is not None and cached[1] == pool_keys and cached[2] == fingerprint:
-		_config_cache[site] = (keys, pool_keys, fingerprint, cached[3])  # other keys changed, not these
+		with _config_lock:  # other keys changed, not these
+			_config_cache[site] = (keys, pool_keys, fingerprint, cached[3])
 		return cached[3]
 	given = {key: conf[key] for key in pool_keys if conf[key] is not None}
 	config: PoolConfig | None

@@ -97,7 +97,7 @@ def test_the_frappe_layer_reports_a_misspelt_key(caplog):
 
 def test_the_frappe_layer_sees_every_change_of_a_sites_pool_keys(caplog):
 	"""site_pool_config runs at every connection on a conf Frappe builds anew per request, and only looks
-	at the db_pool_* values while the keys are those of last time: a changed value (1 to True, which
+	at the db_pool_* values while the keys are those of last time: a changed value (True to 1, which
 	compare equal), a key added, removed or reordered, each is seen; a bad value is logged once."""
 	from frappe_pgpool.frappe_layer import site_pool_config
 
@@ -112,8 +112,10 @@ def test_the_frappe_layer_sees_every_change_of_a_sites_pool_keys(caplog):
 	assert site_pool_config(site, {**conf, "db_pool_size": 1}).size == 1
 	assert site_pool_config(site, {**conf, "other": 1}).size == 3  # another key: the same settings
 	assert site_pool_config(site, {"db_pool_size": 2, **conf, "db_pool_timeout": 4}).timeout == 4
-	assert site_pool_config(site, dict(reversed(conf.items()))).size == 3
+	reordered = site_pool_config(site, dict(reversed(conf.items())))  # and db_pool_timeout gone
+	assert (reordered.size, reordered.timeout) == (3, PoolConfig().timeout)
 	assert site_pool_config(site, {**conf, "db_pool_enabled": 0}) is None
+	assert site_pool_config(site, conf).size == 3
 	assert site_pool_config(site, {k: v for k, v in conf.items() if k != "db_pool_enabled"}) is None
 	assert site_pool_config(site, {**conf, "db_pool_size": None}).size == 8  # null: the default
 
