@@ -239,6 +239,22 @@ def test_a_site_served_again_reuses_its_idle_connection_without_eviction(bouncer
 		assert (snap["misses"], snap["hits"], snap["evictions"]) == expected[key]
 
 
+def test_a_pool_closed_while_its_connection_is_out_is_not_counted_again_on_return(bouncer, reg):
+	"""A site switched off (close_site) while a request holds its connection: the return closes it and
+	the budget forgets the pool for good; it does not come back among the pools that returned last (the
+	reuse gate's would-hit candidates) nor stay referenced after it was dropped."""
+	config = PoolConfig(size=2, timeout=1)
+	(a,) = sites(bouncer, 1, "closed-out")
+	connect = named_factory(bouncer, "budget-closed-out", a.user)
+	serve(reg, [a], config, {a: connect})  # a's pool has returned once: it is among those
+	pool = reg.pools()[a]
+	conn = reg.getconn(a, config, connect)
+	reg.close_site(a.site)
+	assert pool not in reg._budget.returned
+	assert reg.putconn(conn)
+	assert conn.closed and pool not in reg._budget.returned and pool not in reg._budget.pools
+
+
 # -- waiting at a numeric budget ---------------------------------------------------------------------
 
 

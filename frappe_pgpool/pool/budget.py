@@ -190,6 +190,8 @@ class ProcessBudget:
 		pool._reuse.add(would_hit)
 
 	def note_return(self, pool: ConnectionPool) -> None:
+		if pool._closed:  # forgotten at close(): a connection it had out coming back does not revive it
+			return
 		if pool in self.returned:
 			self.returned.remove(pool)
 		self.returned.append(pool)
