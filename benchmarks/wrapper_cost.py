@@ -14,7 +14,6 @@ cannot see: HTTP, gunicorn, the before_request hook, other processes.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.kept_miss import REQUEST  # noqa: E402
+from benchmarks.sites import paired_ratio, ratio_text  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE, run_in_bench  # noqa: E402
 from tests.frappe.sites import configs_restored, set_site_config  # noqa: E402
@@ -83,9 +83,7 @@ out(figures)
 
 
 def paired(top: list[float], bottom: list[float]) -> str:
-	logs = [math.log(a / b) for a, b in zip(top, bottom, strict=True)]
-	mean, half = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
-	return f"x{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
+	return ratio_text(paired_ratio(list(zip(top, bottom, strict=True))), 3)
 
 
 def main() -> int:
