@@ -70,9 +70,9 @@ def unwrap(arm):
 
 figures = {arm: [] for arm in arms}
 for n in range(blocks):
+    plan = [rng.choice(sites) for _ in range(block)]  # the same requests for every arm of the block
     for arm in arms[n % len(arms):] + arms[:n % len(arms)]:
         wrap(arm)
-        plan = [rng.choice(sites) for _ in range(block)]
         cpu = time.process_time()
         for site in plan:
             request(site)
