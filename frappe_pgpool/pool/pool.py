@@ -418,6 +418,7 @@ class ConnectionPool:
 		Returns False when the connection is not checked out from this pool (a second return,
 		or a foreign connection), which is left untouched.
 		"""
+		forked = os.getpid() != self.pid
 		with self._lock:
 			record = self._in_use.get(id(conn))
 			if record is None or record.conn is not conn:
@@ -426,15 +427,13 @@ class ConnectionPool:
 			leaks = self._find_leaks() if self.config.leak_warning else None
 			budget = self._budget
 			budget.note_return(self)
-			if record.defaults is None and os.getpid() == self.pid:
+			if record.defaults is None and not forked:
 				# Opened while keeping did not pay: closed whatever the gate says now, as plain Frappe closes
 				# it (no rollback, no reset). Decided here without I/O, so one lock section less than a
 				# kept connection's return: this is the path of every request whose site would not hit.
 				reason = self._retire_reason(record, discard) or "not_reused"
 				budget.checkout_ended(record.thread)
-				self.stats.closed[reason] += 1
-				if reason == "not_reused":
-					budget.not_reused += 1
+				self._count_closed(reason)
 			else:
 				reason = None
 				self._returning += 1  # keeps its slot while it is reset: the size bound holds
@@ -447,7 +446,6 @@ class ConnectionPool:
 			with self._lock:
 				self._released()  # counted open until closed: never more than the budget at once
 			return True
-		forked = os.getpid() != self.pid
 		try:
 			if leaks:
 				self._log_leaks(leaks)  # outside the lock: logging handlers take locks and allocate
@@ -490,9 +488,7 @@ class ConnectionPool:
 				reason = self._check_in(record)
 				if reason is None:
 					return True
-			self.stats.closed[reason] += 1
-			if reason == "not_reused":
-				budget.not_reused += 1
+			self._count_closed(reason)
 		if reason == "budget":
 			close_dropping_server(conn)  # over the budget: an eviction, see close_dropping_server
 		elif reason != "fork":
@@ -500,6 +496,12 @@ class ConnectionPool:
 		with self._lock:
 			self._released()  # counted open until closed: never more than the budget at once
 		return True
+
+	def _count_closed(self, reason: str) -> None:
+		"""A returned connection is closed, for `reason`. Under the lock."""
+		self.stats.closed[reason] += 1
+		if reason == "not_reused":
+			self._budget.not_reused += 1
 
 	def _reset_query(self) -> str:
 		# In pgBouncer transaction mode no server session is ours between transactions: a reset would
