@@ -116,7 +116,7 @@ def get_connection(wrapped, instance, args, kwargs):
 	config = site_pool_config(site, conf) if site else None
 	if config is None:
 		instance._pgpool_statements = None
-		if site and any(key.site == site for key in registry.pools()):
+		if site and registry.holds_site(site):
 			registry.close_site(site)  # pooling was switched off: drop what this process holds
 		return wrapped(*args, **kwargs)
 

@@ -255,6 +255,30 @@ def test_a_pool_closed_while_its_connection_is_out_is_not_counted_again_on_retur
 	assert conn.closed and pool not in reg._budget.returned and pool not in reg._budget.pools
 
 
+def test_the_registry_knows_at_once_which_sites_it_pools(bouncer, reg):
+	"""The Frappe layer asks, at every connection of a site that does not pool, whether this process still
+	holds a pool of it (switched off meanwhile: drop them); the answer follows every way pools come and go."""
+	config = PoolConfig(size=2, timeout=1)
+	a, b = sites(bouncer, 2, "holds")
+	b2 = key_for("app1" if b.user == "app2" else "app2", b.site, bouncer)  # a second identity of site b
+	connect = {k: named_factory(bouncer, "budget-holds", k.user) for k in (a, b, b2)}
+	assert not reg.holds_site(a.site) and not reg.holds_site(b.site)
+	serve(reg, [a, b, b2], config, connect)
+	assert reg.holds_site(a.site) and reg.holds_site(b.site)
+	reg.close_site(b.site)  # both of b's pools
+	assert reg.holds_site(a.site) and not reg.holds_site(b.site)
+	serve(reg, [b2], config, connect)
+	assert reg.holds_site(b.site)
+	reg.close_all()
+	assert not reg.holds_site(a.site) and not reg.holds_site(b.site)
+	serve(reg, [a], config, connect)
+	pid = os.fork()
+	if pid == 0:  # a child starts with no pools (it disowns what it inherited)
+		os._exit(0 if not reg.holds_site(a.site) else 1)
+	assert os.waitpid(pid, 0)[1] == 0
+	assert reg.holds_site(a.site)
+
+
 # -- waiting at a numeric budget ---------------------------------------------------------------------
 
 
