@@ -183,9 +183,14 @@ class ProcessBudget:
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
 		# the pools that returned last could serve this one, not counting those busy again with nothing idle.
-		room = max(1, (self.limit() or 1) - (self.active - 1))
-		candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
-		would_hit = pool in islice(candidates, room)
+		if (
+			pool in self.returned
+		):  # else a miss, with no pass over the others (most checkouts of spread traffic)
+			room = max(1, (self.limit() or 1) - (self.active - 1))
+			candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
+			would_hit = pool in islice(candidates, room)
+		else:
+			would_hit = False
 		self.recent.add(would_hit)
 		pool._reuse.add(would_hit)
 
