@@ -366,12 +366,32 @@ class Bouncer:
 			or "session"
 		)
 
-	def size(self, dbname: str) -> int:
+	def _user_override(self, user: str, column: str) -> int | None:
+		"""A [users] setting of pgBouncer 1.23+ (SHOW USERS shows NULL where it is not set; older
+		versions have no such column): it takes precedence over the database's and the global one."""
+		value = (self.users.get(user) or {}).get(column)
+		if value is None or value == "" or _number(value) < 0:
+			return None
+		return int(_number(value))
+
+	def size(self, dbname: str, user: str = "") -> int:
+		override = self._user_override(user, "pool_size")
+		if override is not None:
+			return override
 		return int(_number(self._db(dbname).get("pool_size"))) or int(
 			_number(self.settings.get("default_pool_size"))
 		)
 
-	def reserve(self, dbname: str) -> int:
+	def size_setting(self, dbname: str, user: str) -> str:
+		"""What to raise for a bigger pool: the setting that decides its size."""
+		if self._user_override(user, "pool_size") is not None:
+			return f"pool_size for user {user} (its [users] entry)"
+		return f"default_pool_size (or pool_size for {dbname})"
+
+	def reserve(self, dbname: str, user: str = "") -> int:
+		override = self._user_override(user, "reserve_pool_size")
+		if override is not None:
+			return override
 		entry = self._db(dbname)
 		if entry.get("reserve_pool") is not None:
 			return int(_number(entry["reserve_pool"]))
@@ -382,12 +402,20 @@ class Bouncer:
 			_number(self.settings.get("max_db_connections"))
 		)
 
+	def max_user(self, user: str) -> int:
+		# SHOW USERS of pgBouncer 1.23+ gives the user's effective max_user_connections
+		return int(_number((self.users.get(user) or {}).get("max_user_connections"))) or int(
+			_number(self.settings.get("max_user_connections"))
+		)
+
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`."""
 		total = 0
 		for (db, user), members in _group(sites, _pool_key).items():
 			active = self.mode(db, user) != "session"
-			total += min(self.size(db) + self.reserve(db), demand(bench, members, budget, active).total)
+			total += min(
+				self.size(db, user) + self.reserve(db, user), demand(bench, members, budget, active).total
+			)
 		return min(total, demand(bench, sites, budget).total)
 
 
@@ -504,7 +532,7 @@ def _pool_sizes(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Find
 	findings, fitting = [], []
 	wait = b.settings.get("query_wait_timeout", "120")
 	for (db, user), members in pools.items():
-		size, reserve = b.size(db), b.reserve(db)
+		size, reserve = b.size(db, user), b.reserve(db, user)
 		if modes[(db, user)] != "session":
 			active = demand(bench, members, active=True)
 			if active.total > size + reserve:
@@ -514,7 +542,8 @@ def _pool_sizes(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Find
 						"pool size",
 						f"pgBouncer pool {db}/{user}, for {_names(members)}: up to {active.text} transactions at "
 						f"once for {size} server connections (+{reserve} reserve): the excess queues in pgBouncer",
-						f"raise pool_size for {db} to {active.total} if those waits show in SHOW POOLS (cl_waiting)",
+						f"raise {b.size_setting(db, user)} to {active.total} if those waits show in SHOW POOLS "
+						"(cl_waiting)",
 					)
 				)
 			else:
@@ -525,8 +554,7 @@ def _pool_sizes(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Find
 			fitting.append((d.total, size + reserve, db, user, "clients"))
 			continue
 		fixes = [
-			f"raise default_pool_size (or pool_size for {db}) to at least {d.total}, within PostgreSQL's "
-			"max_connections",
+			f"raise {b.size_setting(db, user)} to at least {d.total}, within PostgreSQL's max_connections",
 			_with_auto_budget(bench, members, d),
 			"lower db_pool_size or the number of workers",
 			"use pool_mode = transaction if your apps keep no session state (see pool_mode)",
@@ -562,7 +590,7 @@ def _server_caps(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Fin
 	for axis, index, setting in (("database", 0, "max_db_connections"), ("user", 1, "max_user_connections")):
 		groups = _group(pools, lambda key, i=index: key[i])
 		for name, keys in groups.items():
-			cap = b.max_db(name) if axis == "database" else int(_number(b.settings.get(setting)))
+			cap = b.max_db(name) if axis == "database" else b.max_user(name)
 			if not cap:
 				continue
 			members = [s for key in keys for s in pools[key]]

@@ -3,6 +3,7 @@ against real pgBouncers configured wrong on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import psycopg2
@@ -214,6 +215,35 @@ def test_doctor_finds_each_misconfiguration(cluster):
 	assert found["server_login_retry"].level == "warn"
 	# transaction mode: only transactions in flight (4 x 4 threads + 3) need a server; they may queue
 	assert found["pool size"].level == "warn" and "19 transactions" in found["pool size"].message
+
+
+def test_doctor_reads_a_users_own_pool_settings(cluster):
+	"""pgBouncer 1.23+ lets a [users] entry set pool_size, reserve_pool_size and max_user_connections
+	ahead of the database's and the global ones, and SHOW USERS shows them (NULL where a size is unset,
+	the effective max_user_connections). The pgBouncer here (1.18) has no such columns: its real rows are
+	read, and those columns added to them as a newer pgBouncer shows them."""
+	settings = dict(default_pool_size=20, max_client_conn=100, client_idle_timeout=0, server_lifetime=3600)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		bench = bench_of(behind(bouncer, pool_config(size=4)), web=4, threads=4, jobs=3)  # 19 clients
+		bouncer.connect("app1", USERS["app1"]).close()  # SHOW DATABASES lists a database once used
+		read = doctor.Bouncer.read(
+			doctor.address(bouncer.host, bouncer.port),
+			lambda: psycopg2.connect(admin_dsn(bouncer, bouncer.admin_password)),
+		)
+
+	def check(**columns) -> dict[str, doctor.Finding]:
+		row = {"name": "app1", "pool_mode": None, "pool_size": None, "reserve_pool_size": None}
+		users = {**read.users, "app1": {**row, "max_user_connections": "0", **columns}}
+		return by_check(
+			doctor._check_bouncer(bench, dataclasses.replace(read, users=users), list(bench.sites))
+		)
+
+	assert check()["pool size"].level == "ok" and "19 clients at most for 20" in check()["pool size"].message
+	small = check(pool_size="10", reserve_pool_size="2")["pool size"]
+	assert small.level == "error" and "the pool has 10 server connections (+2 reserve)" in small.message
+	assert "raise pool_size for user app1 (its [users] entry) to at least 19" in small.fix
+	capped = check(max_user_connections="12")["max_user_connections"]
+	assert capped.level == "error" and "19 server connections, but max_user_connections=12" in capped.message
 
 
 def test_doctor_matches_db_pool_pgbouncer_mode_to_the_pool_mode(cluster):
