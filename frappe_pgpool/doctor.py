@@ -393,8 +393,9 @@ class Bouncer:
 		if override is not None:
 			return override
 		entry = self._db(dbname)
-		if entry.get("reserve_pool") is not None:
-			return int(_number(entry["reserve_pool"]))
+		for column in ("reserve_pool", "reserve_pool_size"):  # SHOW DATABASES: 1.18, newer versions
+			if entry.get(column) is not None:
+				return int(_number(entry[column]))
 		return int(_number(self.settings.get("reserve_pool_size")))
 
 	def max_db(self, dbname: str) -> int:

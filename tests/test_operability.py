@@ -221,7 +221,8 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 	"""pgBouncer 1.23+ lets a [users] entry set pool_size, reserve_pool_size and max_user_connections
 	ahead of the database's and the global ones, and SHOW USERS shows them (NULL where a size is unset,
 	the effective max_user_connections). The pgBouncer here (1.18) has no such columns: its real rows are
-	read, and those columns added to them as a newer pgBouncer shows them."""
+	read, and those columns added to them as a newer pgBouncer shows them (its documented SHOW USERS and
+	SHOW DATABASES columns)."""
 	settings = dict(default_pool_size=20, max_client_conn=100, client_idle_timeout=0, server_lifetime=3600)
 	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
 		bench = bench_of(behind(bouncer, pool_config(size=4)), web=4, threads=4, jobs=3)  # 19 clients
@@ -244,6 +245,16 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 	assert "raise pool_size for user app1 (its [users] entry) to at least 19" in small.fix
 	capped = check(max_user_connections="12")["max_user_connections"]
 	assert capped.level == "error" and "19 server connections, but max_user_connections=12" in capped.message
+	# newer versions name SHOW DATABASES' reserve column reserve_pool_size (1.18: reserve_pool)
+	entry = {k: v for k, v in read.databases["app1"].items() if k != "reserve_pool"}
+	renamed = dataclasses.replace(
+		read, databases={**read.databases, "app1": {**entry, "reserve_pool_size": "3"}}
+	)
+	sites = list(bench.sites)
+	assert (
+		"19 clients at most for 23"
+		in by_check(doctor._check_bouncer(bench, renamed, sites))["pool size"].message
+	)
 
 
 def test_doctor_matches_db_pool_pgbouncer_mode_to_the_pool_mode(cluster):
