@@ -447,6 +447,7 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 			findings += _no_session_reset(members, f"pgBouncer {b.address} runs them in session mode")
 	findings += _pool_sizes(bench, b, pools, modes)
 	findings += _server_caps(bench, b, pools, modes)
+	findings += _client_caps(bench, b, pools)
 	total = demand(bench, sites)
 	max_client = int(_number(b.settings.get("max_client_conn")))
 	if max_client and total.total > max_client:
@@ -604,6 +605,44 @@ def _server_caps(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Fin
 						f"pgBouncer {axis} {name} ({_names(members)}): its pools may open {opened} server "
 						f"connections, but {setting}={cap}: the excess clients wait, then fail",
 						f"raise {setting} to at least {opened}, or lower the pools' size or db_pool_size",
+					)
+				)
+	return findings
+
+
+def _client_caps(bench: Bench, b: Bouncer, pools: dict) -> list[Finding]:
+	"""max_db_client_connections and max_user_client_connections (pgBouncer 1.24+): client caps of a
+	database or a user over all its pools; a client over them is refused at login, in any pool_mode."""
+	findings = []
+	for axis, index, setting in (
+		("database", 0, "max_db_client_connections"),
+		("user", 1, "max_user_client_connections"),
+	):
+		for name, keys in _group(pools, lambda key, i=index: key[i]).items():
+			row = b._db(name) if axis == "database" else b.users.get(name) or {}
+			shown = row.get("max_client_connections" if axis == "database" else setting)  # effective value
+			cap = int(_number(shown)) or int(_number(b.settings.get(setting)))
+			if not cap:
+				continue
+			members = [s for key in keys for s in pools[key]]
+			clients = demand(bench, members)
+			if clients.total > cap:
+				findings.append(
+					Finding(
+						"error",
+						setting,
+						f"pgBouncer {axis} {name} ({_names(members)}): the bench's processes can hold "
+						f"{clients.text} clients, but {setting}={cap}: the excess is refused at login",
+						"; or ".join(
+							filter(
+								None,
+								[
+									f"raise {setting} to at least {clients.total}",
+									_with_auto_budget(bench, members, clients),
+									"lower db_pool_size",
+								],
+							)
+						),
 					)
 				)
 	return findings

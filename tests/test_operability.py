@@ -219,6 +219,7 @@ def test_doctor_finds_each_misconfiguration(cluster):
 
 def test_doctor_reads_a_users_own_pool_settings(cluster):
 	"""pgBouncer 1.23+ lets a [users] entry set pool_size, reserve_pool_size and max_user_connections
+	(1.24+ also client caps per database and user)
 	ahead of the database's and the global ones, and SHOW USERS shows them (NULL where a size is unset,
 	the effective max_user_connections). The pgBouncer here (1.18) has no such columns: its real rows are
 	read, and those columns added to them as a newer pgBouncer shows them (its documented SHOW USERS and
@@ -255,6 +256,16 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 		"19 clients at most for 23"
 		in by_check(doctor._check_bouncer(bench, renamed, sites))["pool size"].message
 	)
+	# 1.24+: client caps per database and per user, effective values in SHOW DATABASES / SHOW USERS
+	assert "max_user_client_connections" not in check(max_user_client_connections="0")
+	refused = check(max_user_client_connections="15")["max_user_client_connections"]
+	assert refused.level == "error" and "19 clients, but max_user_client_connections=15" in refused.message
+	assert "at least 19" in refused.fix
+	capped_db = dataclasses.replace(
+		read, databases={**read.databases, "app1": {**read.databases["app1"], "max_client_connections": "10"}}
+	)
+	db_refused = by_check(doctor._check_bouncer(bench, capped_db, sites))["max_db_client_connections"]
+	assert db_refused.level == "error" and "database app1" in db_refused.message
 
 
 def test_doctor_matches_db_pool_pgbouncer_mode_to_the_pool_mode(cluster):
