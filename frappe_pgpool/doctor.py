@@ -367,7 +367,7 @@ class Bouncer:
 		)
 
 	def _user_override(self, user: str, column: str) -> int | None:
-		"""A [users] setting of pgBouncer 1.23+ (SHOW USERS shows NULL where it is not set; older
+		"""A [users] setting of newer pgBouncers (SHOW USERS shows NULL where it is not set; older
 		versions have no such column): it takes precedence over the database's and the global one."""
 		value = (self.users.get(user) or {}).get(column)
 		if value is None or value == "" or _number(value) < 0:
@@ -404,7 +404,7 @@ class Bouncer:
 		)
 
 	def max_user(self, user: str) -> int:
-		# SHOW USERS of pgBouncer 1.23+ gives the user's effective max_user_connections
+		# SHOW USERS of newer pgBouncers (not 1.18) gives the user's effective max_user_connections
 		return int(_number((self.users.get(user) or {}).get("max_user_connections"))) or int(
 			_number(self.settings.get("max_user_connections"))
 		)

@@ -218,7 +218,7 @@ def test_doctor_finds_each_misconfiguration(cluster):
 
 
 def test_doctor_reads_a_users_own_pool_settings(cluster):
-	"""pgBouncer 1.23+ lets a [users] entry set pool_size, reserve_pool_size and max_user_connections
+	"""Newer pgBouncers let a [users] entry set pool_size, reserve_pool_size and max_user_connections
 	(1.24+ also client caps per database and user)
 	ahead of the database's and the global ones, and SHOW USERS shows them (NULL where a size is unset,
 	the effective max_user_connections). The pgBouncer here (1.18) has no such columns: its real rows are
