@@ -592,6 +592,47 @@ def test_a_forked_child_starts_with_its_own_empty_budget(bouncer, reg):
 	reg.putconn(held)
 
 
+def test_the_return_of_an_overdraft_brings_the_process_back_within_the_budget(bouncer, reg):
+	"""Budget 2: two requests hold a connection each, one of them opens a replica over the budget (an
+	overdraft, 3 open) while a third request, for another site, queues at the budget. When the replica
+	comes back the process is over its budget: that connection is closed, not handed to the queued
+	request (which would leave 3 open with no nested checkout to excuse it); the queued request is
+	served when one of the two others returns."""
+	config = PoolConfig(enabled=True, size=4, timeout=5.0)
+	a, b, c, replica = sites(bouncer, 4, "overdraft")
+	connect = {k: named_factory(bouncer, "budget-overdraft", k.user) for k in (a, b, c, replica)}
+	reg.set_process_budget(2)
+	release_b, holding_b = threading.Event(), threading.Event()
+
+	def hold_b() -> None:  # a live thread (a finished one's ident may be reused, and counted as nested)
+		conn = reg.getconn(b, config, connect[b])
+		holding_b.set()
+		release_b.wait(10)
+		reg.putconn(conn)
+
+	holder = threading.Thread(target=hold_b)
+	holder.start()
+	assert holding_b.wait(5)
+	primary = reg.getconn(a, config, connect[a])
+	nested = reg.getconn(replica, config, connect[replica])
+	assert reg.snapshot()["budget_overdrafts"] == 1 and reg.snapshot()["open"] == 3
+	got: list = []
+	waiter = threading.Thread(target=lambda: got.append(reg.getconn(c, config, connect[c])))
+	waiter.start()
+	wait_for(lambda: reg.snapshot()["waiting"] == 1)
+	reg.putconn(nested)
+	assert reg.snapshot()["open"] == 2  # back within the budget
+	time.sleep(0.2)
+	assert not got and reg.snapshot()["waiting"] == 1  # still queued: no room
+	reg.putconn(primary)
+	waiter.join(5)
+	assert len(got) == 1 and reg.snapshot()["open"] <= 2
+	reg.putconn(got[0])
+	release_b.set()
+	holder.join(5)
+	assert reg.snapshot()["open"] <= 2
+
+
 def test_a_thread_holding_a_checkout_is_never_made_to_wait_for_the_budget(bouncer, reg):
 	"""A request that holds the primary and opens a read replica (frappe.read_only) needs two connections
 	at once. With a numeric budget of 1 it would wait for a connection only it can give back: a stall of

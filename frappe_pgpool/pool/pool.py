@@ -530,9 +530,15 @@ class ConnectionPool:
 
 		In arrival order: a waiter of this pool gets it (a hit), a waiter of another pool that waits for
 		the process budget gets its slot (this connection is evicted for it). Returns why it must be
-		closed instead (the pool was closed or shrunk while it was out, or the budget was lowered).
+		closed instead: the process is over its budget (a nested checkout's overdraft coming back, or the
+		budget was lowered), checked first, so that no waiter inherits the excess; or the pool was closed
+		or shrunk while it was out.
 		"""
 		budget = self._budget
+		if budget.over_limit():
+			self.stats.evictions["budget"] += 1
+			budget.evictions += 1
+			return "budget"
 		if budget.waiters and not self._closed:
 			for waiter in budget.waiters:
 				if waiter.pool is self:
@@ -546,10 +552,6 @@ class ConnectionPool:
 					self._count_eviction()
 					waiter.pool._grant_slot_to(waiter, record)
 					return None
-		if budget.over_limit():
-			self.stats.evictions["budget"] += 1
-			budget.evictions += 1
-			return "budget"
 		if not self._closed and self._total() < self.config.size:
 			self._idle.append(record)
 			return None
