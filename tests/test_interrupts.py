@@ -27,6 +27,11 @@ class JobTimeout(BaseException):
 	"""What an interruption looks like to the pool: raised into the thread from outside."""
 
 
+class RQJobTimeout(Exception):
+	"""RQ's own: rq.timeouts.JobTimeoutException derives from Exception, so an `except Exception` meant for
+	a failed round trip would swallow it, and the job would run on past its timeout."""
+
+
 def wait_for(predicate, seconds: float = 5.0) -> None:
 	deadline = time.monotonic() + seconds
 	while not predicate():
@@ -43,14 +48,15 @@ def raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> 
 
 
 class alarm:
-	"""signal.setitimer + a SIGALRM handler raising JobTimeout, as RQ's job timeout does."""
+	"""signal.setitimer + a SIGALRM handler raising JobTimeout (or `exc`), as RQ's job timeout does."""
 
-	def __init__(self, seconds: float) -> None:
+	def __init__(self, seconds: float, exc: type[BaseException] = JobTimeout) -> None:
 		self.seconds = seconds
+		self.exc = exc
 
 	def __enter__(self):
 		def handler(signum, frame):
-			raise JobTimeout(f"job exceeded {self.seconds}s")
+			raise self.exc(f"job exceeded {self.seconds}s")
 
 		self.previous = signal.signal(signal.SIGALRM, handler)
 		signal.setitimer(signal.ITIMER_REAL, self.seconds)
@@ -191,15 +197,17 @@ def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, di
 	pool.close()
 
 
-def test_an_interruption_during_the_reset_frees_the_slot(bouncer):
-	"""putconn's reset is a round trip; an exception raised into it (not an Exception: those are
-	handled) must not keep the slot reserved, nor put a half-reset session back."""
+@pytest.mark.parametrize("exc", [JobTimeout, RQJobTimeout], ids=["BaseException", "rq-Exception"])
+def test_an_interruption_during_the_reset_frees_the_slot(bouncer, exc):
+	"""putconn's reset is a round trip; an exception raised into it must reach the caller (RQ's job
+	timeout is an Exception: swallowed as a failed reset, the job would overrun its timeout), and must
+	not keep the slot reserved, nor put a half-reset session back."""
 	pool = ConnectionPool(
 		"site reset.local", PoolConfig(size=1, timeout=0.5, reset_query="SELECT pg_sleep(0.3)")
 	)
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
-	with alarm(0.1), pytest.raises(JobTimeout):
+	with alarm(0.1, exc), pytest.raises(exc):
 		pool.putconn(conn)
 	assert conn.closed  # its session state is unknown: never reused
 	assert accounting(pool) == (0, 0, 0, 0, 0)

@@ -330,15 +330,16 @@ def close_dropping_server(conn: ext.connection) -> None:
 			_set_characteristics(conn, True, None, None, None)  # sends nothing
 			with conn.cursor(cursor_factory=ext.cursor) as cur:
 				cur.execute("BEGIN")
-	except Exception:  # a dead or odd connection: closing it is all that is left
+	except (psycopg2.Error, OSError):  # a dead or odd connection: closing it is all that is left
 		pass
-	close_quietly(conn)
+	finally:  # closed even when interrupted (RQ's job timeout is an Exception: it goes on up)
+		close_quietly(conn)
 
 
 def close_quietly(conn: ext.connection) -> None:
 	try:
 		conn.close()
-	except Exception:  # closing a broken connection must never raise into a request
+	except (psycopg2.Error, OSError):  # closing a broken connection must never raise into a request
 		pass
 
 

@@ -21,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psycopg2
 import psycopg2.extensions as ext
 
 from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget
@@ -461,7 +462,8 @@ class ConnectionPool:
 					reset(conn, record.defaults, self._reset_query())
 				except Retire as e:  # client-side state only a round trip could undo: closed instead
 					reason = e.reason
-				except Exception as e:  # any failure leaves the session in an unknown state
+				except (psycopg2.Error, OSError) as e:  # a failed round trip: the session's state is unknown
+					# (anything else, RQ's job timeout among them, is an interruption: handled below, raised)
 					log.info(
 						"frappe_pgpool: closing a connection of %s that failed to reset: %s", self.name, e
 					)
