@@ -194,6 +194,8 @@ def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, di
 	assert (backend_pid(conn) == pid) is not discard  # the reset connection itself, kept warm
 	pool.putconn(conn)
 	assert accounting(pool) == (1, 1, 0, 0, 0)
+	snap = pool.snapshot()  # two checkouts served: the one that gave up is not counted
+	assert (snap["checkouts"], snap["hits"] + snap["misses"]) == (2, 2)
 	pool.close()
 
 
@@ -277,3 +279,73 @@ def test_leak_warning_is_logged_without_holding_the_pool_lock(bouncer):
 	assert lock_free_when_logging == [True]
 	pool.putconn(held)
 	pool.close()
+
+
+# -- interruptions after a connection or a slot changed hands: nothing stays counted ----------------
+
+
+def test_an_interruption_while_a_connection_not_kept_is_closed_frees_its_slot(bouncer, monkeypatch):
+	"""The return of a connection the reuse gate did not keep logs leak warnings, then closes it, then
+	frees its budget slot; an interruption in between (here while a leak warning is logged) must still
+	close it and free the slot, or the process counts a connection that is gone."""
+	from frappe_pgpool.pool import budget
+
+	monkeypatch.setattr(budget, "REUSE_MIN_RATE", 2.0)  # shut, once a return is counted
+	monkeypatch.setattr(budget, "REUSE_MIN_RATE_ONE_SLOT", 2.0)
+	reg = PoolRegistry(reap_interval=0)
+	key = key_for(bouncer=bouncer, site="interrupted-close")
+	config = PoolConfig(size=2, timeout=1, leak_warning=0.05)
+	connect = frappe_like_factory(bouncer)
+	reg.putconn(reg.getconn(key, config, connect), discard=True)  # the first return: the gate shuts
+	long_held = reg.getconn(key, config, connect)  # the leak warning the return reports
+	held = reg.getconn(key, config, connect)
+	assert reg.pools()[key]._in_use[id(held)].defaults is None  # opened not to be kept
+	time.sleep(0.1)
+
+	class Interrupting(logging.Handler):
+		def emit(self, record: logging.LogRecord) -> None:
+			raise JobTimeout("while logging the leak warning")
+
+	handler = Interrupting()
+	logger = logging.getLogger("frappe_pgpool")
+	logger.addHandler(handler)
+	try:
+		with pytest.raises(JobTimeout):
+			reg.putconn(held)
+	finally:
+		logger.removeHandler(handler)
+	assert held.closed
+	snap = reg.snapshot()
+	assert (snap["open"], snap["active"], snap["in_use"]) == (1, 1, 1)  # long_held's alone
+	reg.putconn(long_held)
+	snap = reg.snapshot()
+	assert (snap["open"], snap["active"], snap["in_use"]) == (0, 0, 0)
+	reg.close_all()
+
+
+def test_a_checkout_interrupted_after_it_was_handed_its_connection_gives_it_back(bouncer, monkeypatch):
+	"""getconn records the taker's stack (leak warning on) after the connection is handed out; an
+	interruption there must not leave the connection checked out to nobody: it is given back (closed, as
+	its caller never used it) and the checkout ends, so the budget counts nothing for this thread."""
+	from frappe_pgpool.pool import pool as pool_module
+
+	reg = PoolRegistry(reap_interval=0)
+	key = key_for(bouncer=bouncer, site="interrupted-checkout")
+	config = PoolConfig(size=2, timeout=1, leak_warning=30)
+	connect = frappe_like_factory(bouncer)
+	reg.putconn(reg.getconn(key, config, connect))  # one idle: the next checkout is a hit
+
+	def interrupted(*args, **kwargs):
+		raise JobTimeout("while the taker's stack is recorded")
+
+	monkeypatch.setattr(pool_module.traceback, "extract_stack", interrupted)
+	with pytest.raises(JobTimeout):
+		reg.getconn(key, config, connect)
+	monkeypatch.undo()
+	snap = reg.snapshot()
+	assert (snap["active"], snap["in_use"], snap["open"]) == (0, 0, 0)
+	assert reg._budget.holders == {}
+	conn = reg.getconn(key, config, connect)  # served as usual afterwards
+	assert backend_pid(conn)
+	reg.putconn(conn)
+	reg.close_all()

@@ -150,7 +150,7 @@ class ConnectionPool:
 		budget = self._budget
 		thread = threading.get_ident()
 		started = nested = False
-		waiter = None
+		waiter = record = conn = None
 		try:
 			stale: list[tuple[_Record, str]] = []
 			while True:
@@ -193,25 +193,33 @@ class ConnectionPool:
 						budget.waits += 1
 					break
 			if record is not None:
-				self._close_records(stale)
 				conn = record.conn
+				self._close_records(stale)
 			elif waiter is None:
 				conn = self._open(connect)
 			else:
 				if not waiter.done:
 					record = self._wait(waiter, timeout)
 				conn = record.conn if record is not None else self._open_in_slot(connect, waiter.evict)
+			held = self._in_use.get(id(conn))
+			if held is not None:
+				held.thread = thread
+			if self.config.leak_warning:
+				self._note_taker(conn)
+			return conn
 		except BaseException:
-			if started:
+			# Interrupted (RQ's job timeout, KeyboardInterrupt) or failed. A connection already handed to
+			# this caller, which will never use it, is given back (closed: the caller's state is unknown)
+			# and that ends the checkout; else the checkout ends here.
+			taken = conn if conn is not None else record.conn if record is not None else None
+			held = self._in_use.get(id(taken)) if taken is not None else None
+			if held is not None and held.conn is taken:
+				held.thread = thread
+				self.putconn(taken, discard=True)
+			elif started:
 				with self._lock:
 					budget.checkout_ended(thread)
 			raise
-		record = self._in_use.get(id(conn))
-		if record is not None:
-			record.thread = thread
-		if self.config.leak_warning:
-			self._note_taker(conn)
-		return conn
 
 	def _open_in_slot(self, connect: Connect, evict: _Record | None) -> ext.connection:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
@@ -341,6 +349,8 @@ class ConnectionPool:
 			if waiter.record is not None:  # handed over just as it gave up: it goes to the next caller
 				record, waiter.record = waiter.record, None
 				del self._in_use[id(record.conn)]
+				self.stats.checkouts -= 1  # counted for the caller that gave up: it never had it
+				self.stats.hits -= 1
 				reason = self._check_in(record)
 				if reason is None:
 					return
@@ -358,9 +368,7 @@ class ConnectionPool:
 				return
 			else:
 				return
-		close_dropping_server(record.conn)  # evicted for this caller, which gave up
-		with self._lock:
-			self._released()
+		self._close_and_release(record.conn, close_dropping_server)  # evicted for this caller, which gave up
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
@@ -397,9 +405,7 @@ class ConnectionPool:
 				self.stats.misses += 1
 				closed = False
 		if closed:
-			close_quietly(conn)
-			with self._lock:
-				self._released()
+			self._close_and_release(conn, close_quietly)
 			raise PoolClosed(f"frappe_pgpool: pool {self.name} closed while connecting")
 		return conn
 
@@ -441,11 +447,11 @@ class ConnectionPool:
 				# kept only while keeping pays, or when a caller of this pool is waiting for it
 				keep = budget.reuse_pays(self) or any(w.pool is self for w in budget.waiters)
 		if reason is not None:
-			if leaks:
-				self._log_leaks(leaks)  # outside the lock: logging handlers take locks and allocate
-			close_quietly(conn)
-			with self._lock:
-				self._released()  # counted open until closed: never more than the budget at once
+			try:
+				if leaks:
+					self._log_leaks(leaks)  # outside the lock: logging handlers take locks and allocate
+			finally:
+				self._close_and_release(conn, close_quietly)
 			return True
 		try:
 			if leaks:
@@ -491,13 +497,25 @@ class ConnectionPool:
 				if reason is None:
 					return True
 			self._count_closed(reason)
-		if reason == "budget":
-			close_dropping_server(conn)  # over the budget: an eviction, see close_dropping_server
-		elif reason != "fork":
-			close_quietly(conn)
-		with self._lock:
-			self._released()  # counted open until closed: never more than the budget at once
+		if reason == "budget":  # over the budget: an eviction, see close_dropping_server
+			self._close_and_release(conn, close_dropping_server)
+		else:
+			self._close_and_release(conn, None if reason == "fork" else close_quietly)
 		return True
+
+	def _close_and_release(
+		self, conn: ext.connection, close: Callable[[ext.connection], None] | None
+	) -> None:
+		"""Close a connection that has left the pool, then free its budget slot, even when interrupted.
+
+		Counted open until closed: never more than the budget at once. Outside the lock.
+		"""
+		try:
+			if close is not None:
+				close(conn)
+		finally:
+			with self._lock:
+				self._released()
 
 	def _count_closed(self, reason: str) -> None:
 		"""A returned connection is closed, for `reason`. Under the lock."""
@@ -649,12 +667,14 @@ class ConnectionPool:
 	def _close_records(self, stale: list[tuple[_Record, str]]) -> None:
 		if not stale:
 			return
-		for record, _reason in stale:
-			close_quietly(record.conn)
-		with self._lock:
-			for _record, reason in stale:
-				self.stats.closed[reason] += 1
-			self._released(len(stale))
+		try:
+			for record, _reason in stale:
+				close_quietly(record.conn)
+		finally:  # their slots are freed even when interrupted (a connection left unclosed is collected)
+			with self._lock:
+				for _record, reason in stale:
+					self.stats.closed[reason] += 1
+				self._released(len(stale))
 
 	# -- observation ------------------------------------------------------------------------
 

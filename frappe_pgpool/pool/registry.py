@@ -148,12 +148,14 @@ class PoolRegistry:
 			budget.setting = setting
 			excess = budget.trim()  # a lower budget: idle connections above it are closed now
 			budget.dispatch()  # a higher one: waiters get its new slots
-		for _pool, record in excess:
-			close_dropping_server(record.conn)
-		if excess:
-			with budget.lock:
-				budget.open -= len(excess)
-				budget.dispatch()
+		try:
+			for _pool, record in excess:
+				close_dropping_server(record.conn)
+		finally:  # their slots are freed even when interrupted
+			if excess:
+				with budget.lock:
+					budget.open -= len(excess)
+					budget.dispatch()
 
 	def snapshot(self) -> dict[str, object]:
 		"""The process-wide figures: budget setting and limit, connections open, checkouts, evictions."""
