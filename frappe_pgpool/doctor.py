@@ -27,7 +27,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .pool import PoolConfig
+from .pool import ConfigError, PoolConfig
+from .pool.config import parse_process_budget
 from .publish import redacted
 
 Connect = Callable[[], Any]
@@ -1025,7 +1026,35 @@ def examine(
 		)
 		findings += _check_bouncer(bench, b, sites)
 	server_checked, server_findings = _check_servers(bench, read, set(bouncers or {}), postgres, timeout)
+	findings += _budget_consistency(bench)
 	return [Finding("ok", "checked", text) for text in checked + server_checked] + findings + server_findings
+
+
+def _budget_consistency(bench: Bench) -> list[Finding]:
+	"""db_pool_process_budget is process-wide: a process applies the value of the site it is serving, so
+	sites that disagree make it change at every request for another site (lowered: idle connections are
+	closed; raised: waiters are let in), and doctor can only count on the largest."""
+	values: dict[str, list[Site]] = {}
+	for s in bench.sites:
+		if s.pooled:
+			try:  # as the process reads it: " Auto " is auto, "4" is 4
+				setting = parse_process_budget(s.process_budget)
+				value = "auto" if setting is None else str(setting)
+			except ConfigError:
+				value = repr(s.process_budget)
+			values.setdefault(value, []).append(s)
+	if len(values) < 2:
+		return []
+	shown = "; ".join(f"{value} for {_names(members)}" for value, members in sorted(values.items()))
+	return [
+		Finding(
+			"warn",
+			"db_pool_process_budget",
+			f"the sites disagree on db_pool_process_budget ({shown}): it is process-wide, so every process "
+			"switches budgets with the site of each request",
+			"set it once in common_site_config.json and remove it from the sites' site_config.json",
+		)
+	]
 
 
 ARMED_FIX = (

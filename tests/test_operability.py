@@ -268,6 +268,26 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 	assert db_refused.level == "error" and "database app1" in db_refused.message
 
 
+def test_doctor_warns_when_sites_disagree_on_the_process_budget(cluster):
+	"""db_pool_process_budget is process-wide but read from each request's site: sites that disagree make
+	every process switch budgets with each request. Spelled differently but equal is no disagreement."""
+	config = pool_config(size=4)
+	with PgBouncer(cluster, users=USERS) as bouncer:
+		same = behind(bouncer, config, count=2, budget="auto") + behind(
+			bouncer, config, count=1, budget=" Auto "
+		)
+		assert "db_pool_process_budget" not in by_check(examine(bouncer, bench_of(same)))
+		mixed = [
+			*behind(bouncer, config, count=2, budget="auto"),
+			behind(bouncer, config, count=3, budget=4)[2],
+		]
+		found = by_check(examine(bouncer, bench_of(mixed)))
+	warning = found["db_pool_process_budget"]
+	assert warning.level == "warn" and "4 for site03.local" in warning.message
+	assert "auto for site01.local, site02.local" in warning.message
+	assert "common_site_config.json" in warning.fix
+
+
 def test_doctor_matches_db_pool_pgbouncer_mode_to_the_pool_mode(cluster):
 	"""transaction set for a site whose connections are real sessions (pgBouncer in session mode, or
 	none): nothing resets them, so one request's session state reaches the next. An error."""
