@@ -149,9 +149,9 @@ def get_connection(wrapped, instance, args, kwargs):
 	except PoolClosed:  # switched off by another thread meanwhile (or the process is exiting)
 		instance._pgpool_statements = None
 		return wrapped(*args, **kwargs)
+	_watch(instance, conn)  # first: from here on, an interruption before Frappe holds it is recovered
 	publisher.configure(conf.get("redis_cache"))
 	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
-	_watch(instance, conn)
 	return conn
 
 
