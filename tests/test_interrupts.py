@@ -349,22 +349,3 @@ def test_a_checkout_interrupted_after_it_was_handed_its_connection_gives_it_back
 	assert backend_pid(conn)
 	reg.putconn(conn)
 	reg.close_all()
-
-
-def test_a_checkout_given_up_before_the_registry_recorded_its_owner_is_still_discarded(bouncer):
-	"""An interruption between the pool handing a connection out and the registry recording which pool
-	it belongs to: the Frappe layer's finalizer gives it up (abandon) when its Database is collected, and
-	the registry finds its pool by looking, instead of leaving it checked out to nobody."""
-	reg = PoolRegistry(reap_interval=0)
-	key = key_for(bouncer=bouncer, site="ownerless")
-	config = PoolConfig(size=2, timeout=1)
-	pool = reg.pool(key, config)
-	conn = pool.getconn(
-		frappe_like_factory(bouncer)
-	)  # as registry.getconn, interrupted before its owner entry
-	reg.abandon(conn)
-	reg.maintain()  # drains what was abandoned
-	assert conn.closed and pool.snapshot()["closed"] == {"discarded": 1}
-	snap = reg.snapshot()
-	assert (snap["open"], snap["active"], snap["in_use"]) == (0, 0, 0)
-	reg.close_all()

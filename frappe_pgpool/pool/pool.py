@@ -211,7 +211,14 @@ class ConnectionPool:
 			# Interrupted (RQ's job timeout, KeyboardInterrupt) or failed. A connection already handed to
 			# this caller, which will never use it, is given back (closed: the caller's state is unknown)
 			# and that ends the checkout; else the checkout ends here.
-			taken = conn if conn is not None else record.conn if record is not None else None
+			if conn is not None:
+				taken = conn
+			elif record is not None:
+				taken = record.conn
+			elif waiter is not None and waiter.record is not None:  # handed over, not yet taken from _wait
+				taken = waiter.record.conn
+			else:
+				taken = None
 			held = self._in_use.get(id(taken)) if taken is not None else None
 			if held is not None and held.conn is taken:
 				held.thread = thread
@@ -420,7 +427,8 @@ class ConnectionPool:
 		return record is not None and record.conn is conn
 
 	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
-		"""Take a connection back: reset and keep it, or close it. Never raises.
+		"""Take a connection back: reset and keep it, or close it. Never raises, but for an exception
+		raised into it (an interruption: the connection is closed and its slot freed first).
 
 		Returns False when the connection is not checked out from this pool (a second return,
 		or a foreign connection), which is left untouched.

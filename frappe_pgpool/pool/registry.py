@@ -126,8 +126,6 @@ class PoolRegistry:
 			except IndexError:
 				return
 			pool = self._owner.pop(id(conn), None)
-			if pool is None:  # given up before getconn recorded its owner (an interruption between)
-				pool = next((p for p in list(self._pools.values()) if p.owns(conn)), None)
 			if pool is not None:
 				pool.putconn(conn, discard=True)
 
