@@ -349,6 +349,7 @@ class ConnectionPool:
 	def _cancel(self, waiter: _Waiter) -> None:
 		"""The waiting caller gave up: pass on what it was handed meanwhile, or leave the queue."""
 		record = None
+		reason = "budget"  # why the connection left below is closed: an eviction unless said otherwise
 		with self._lock:
 			if waiter.done:
 				return
@@ -375,7 +376,9 @@ class ConnectionPool:
 				return
 			else:
 				return
-		self._close_and_release(record.conn, close_dropping_server)  # evicted for this caller, which gave up
+		# evicted for this caller, which gave up, or over the budget: pgBouncer drops the server too (as
+		# putconn); closed for another reason (the pool was closed or shrunk meanwhile): as putconn closes
+		self._close_and_release(record.conn, close_dropping_server if reason == "budget" else close_quietly)
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
