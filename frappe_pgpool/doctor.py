@@ -359,9 +359,12 @@ class Bouncer:
 	def _db(self, dbname: str) -> dict:
 		return self.databases.get(dbname) or self.databases.get("*") or {}
 
+	def _user(self, user: str) -> dict:
+		return self.users.get(user) or {}
+
 	def mode(self, dbname: str, user: str) -> str:
 		return (
-			(self.users.get(user) or {}).get("pool_mode")
+			self._user(user).get("pool_mode")
 			or self._db(dbname).get("pool_mode")
 			or self.settings.get("pool_mode")
 			or "session"
@@ -370,7 +373,7 @@ class Bouncer:
 	def _user_override(self, user: str, column: str) -> int | None:
 		"""A [users] setting of newer pgBouncers (SHOW USERS shows NULL where it is not set; older
 		versions have no such column): it takes precedence over the database's and the global one."""
-		value = (self.users.get(user) or {}).get(column)
+		value = self._user(user).get(column)
 		if value is None or value == "" or _number(value) < 0:
 			return None
 		return int(_number(value))
@@ -406,8 +409,19 @@ class Bouncer:
 
 	def max_user(self, user: str) -> int:
 		# SHOW USERS of newer pgBouncers (not 1.18) gives the user's effective max_user_connections
-		return int(_number((self.users.get(user) or {}).get("max_user_connections"))) or int(
+		return int(_number(self._user(user).get("max_user_connections"))) or int(
 			_number(self.settings.get("max_user_connections"))
+		)
+
+	def max_db_clients(self, dbname: str) -> int:
+		# pgBouncer 1.24+: SHOW DATABASES gives the effective max_db_client_connections
+		return int(_number(self._db(dbname).get("max_client_connections"))) or int(
+			_number(self.settings.get("max_db_client_connections"))
+		)
+
+	def max_user_clients(self, user: str) -> int:
+		return int(_number(self._user(user).get("max_user_client_connections"))) or int(
+			_number(self.settings.get("max_user_client_connections"))
 		)
 
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None) -> int:
@@ -620,9 +634,7 @@ def _client_caps(bench: Bench, b: Bouncer, pools: dict) -> list[Finding]:
 		("user", 1, "max_user_client_connections"),
 	):
 		for name, keys in _group(pools, lambda key, i=index: key[i]).items():
-			row = b._db(name) if axis == "database" else b.users.get(name) or {}
-			shown = row.get("max_client_connections" if axis == "database" else setting)  # effective value
-			cap = int(_number(shown)) or int(_number(b.settings.get(setting)))
+			cap = b.max_db_clients(name) if axis == "database" else b.max_user_clients(name)
 			if not cap:
 				continue
 			members = [s for key in keys for s in pools[key]]

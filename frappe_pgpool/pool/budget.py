@@ -183,9 +183,9 @@ class ProcessBudget:
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
 		# the pools that returned last could serve this one, not counting those busy again with nothing idle.
-		if (
-			pool in self.returned
-		):  # else a miss, with no pass over the others (most checkouts of spread traffic)
+		# A pool absent from them is a miss at once, with no pass over the others (most checkouts of
+		# spread traffic).
+		if pool in self.returned:
 			room = max(1, (self.limit() or 1) - (self.active - 1))
 			candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
 			would_hit = pool in islice(candidates, room)

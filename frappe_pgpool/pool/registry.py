@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,9 +68,7 @@ class PoolRegistry:
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
 		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
-		self._sites: Counter[str] = (
-			Counter()
-		)  # site -> its pools here (holds_site, at every unpooled connect)
+		self._sites: set[str] = set()  # sites with a pool here (holds_site); their pools go all together
 		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
 		# Connections given up by a finalizer (see abandon), discarded at the next checkout, return or reaper round.
 		self._abandoned: deque[ext.connection] = deque()
@@ -171,7 +169,7 @@ class PoolRegistry:
 				pool = self._pools.get(key)
 				if pool is None:
 					pool = self._pools[key] = ConnectionPool(key.label, config, budget=self._budget)
-					self._sites[key.site] += 1
+					self._sites.add(key.site)
 					self._ensure_reaper()
 		if pool.config is not config and pool.config != config:
 			pool.reconfigure(config)
@@ -191,7 +189,7 @@ class PoolRegistry:
 		with self._lock:
 			keys = [key for key in self._pools if key.site == site]
 			pools = [self._pools.pop(key) for key in keys]
-			self._sites.pop(site, None)
+			self._sites.discard(site)
 		for pool in pools:
 			pool.close()
 		return len(pools)
@@ -224,7 +222,7 @@ class PoolRegistry:
 		for pool in self._pools.values():
 			pool.disown_all()
 		self._pools = {}
-		self._sites = Counter()
+		self._sites = set()
 		# a fresh budget: its lock may have been held at fork time; the child's checkouts start at none
 		self._budget = ProcessBudget(setting=self._budget.setting)
 		self._owner = {}
