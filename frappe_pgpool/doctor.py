@@ -402,27 +402,22 @@ class Bouncer:
 				return int(_number(entry[column]))
 		return int(_number(self.settings.get("reserve_pool_size")))
 
+	def _cap(self, row: dict, column: str, setting: str) -> int:
+		"""A cap shown in a SHOW DATABASES / SHOW USERS row (0 or absent: none there), else the global one."""
+		return int(_number(row.get(column))) or int(_number(self.settings.get(setting)))
+
 	def max_db(self, dbname: str) -> int:
-		return int(_number(self._db(dbname).get("max_connections"))) or int(
-			_number(self.settings.get("max_db_connections"))
-		)
+		return self._cap(self._db(dbname), "max_connections", "max_db_connections")
 
 	def max_user(self, user: str) -> int:
 		# SHOW USERS of newer pgBouncers (not 1.18) gives the user's effective max_user_connections
-		return int(_number(self._user(user).get("max_user_connections"))) or int(
-			_number(self.settings.get("max_user_connections"))
-		)
+		return self._cap(self._user(user), "max_user_connections", "max_user_connections")
 
-	def max_db_clients(self, dbname: str) -> int:
-		# pgBouncer 1.24+: SHOW DATABASES gives the effective max_db_client_connections
-		return int(_number(self._db(dbname).get("max_client_connections"))) or int(
-			_number(self.settings.get("max_db_client_connections"))
-		)
+	def max_db_clients(self, dbname: str) -> int:  # pgBouncer 1.24+, effective values in both views
+		return self._cap(self._db(dbname), "max_client_connections", "max_db_client_connections")
 
 	def max_user_clients(self, user: str) -> int:
-		return int(_number(self._user(user).get("max_user_client_connections"))) or int(
-			_number(self.settings.get("max_user_client_connections"))
-		)
+		return self._cap(self._user(user), "max_user_client_connections", "max_user_client_connections")
 
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`."""
