@@ -3,8 +3,9 @@
 A server is lent to a client for one transaction only, so between checkouts no server session is the
 pool's: the return sends only the rollback (a session reset would run on whichever server pgBouncer lends
 for it, and its restored settings would stay there for other clients), and nothing is read at connect.
-What the pool still owes: each checkout's transaction rolled back, so pgBouncer gets its server back
-clean instead of closing it, as it does when plain Frappe disconnects inside a transaction.
+What the pool still owes: each checkout's transaction rolled back, after what a rollback keeps (session
+advisory locks, sequence state) is undone on the server still lent, so pgBouncer gets its server back clean
+instead of closing it, as it does when plain Frappe disconnects inside a transaction.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def request(conn, statement="SELECT 1"):
 		return cur.fetchall()
 
 
-def test_the_return_sends_only_the_rollback(tx_bouncer, registry):
+def test_the_return_releases_the_lent_server_then_rolls_back(tx_bouncer, registry):
+	"""Two round trips on the server still lent for the request's transaction: what a rollback keeps is
+	undone (connection.TRANSACTION_MODE_RELEASE), then the rollback; nothing at all when none is lent."""
 	config = PoolConfig(enabled=True, size=2, pgbouncer_mode="transaction")
 	key = key_for(bouncer=tx_bouncer)
 	connect = frappe_like_factory(tx_bouncer)
@@ -46,7 +49,7 @@ def test_the_return_sends_only_the_rollback(tx_bouncer, registry):
 		request(conn)
 		before = queries(tx_bouncer)
 		assert registry.putconn(conn)
-		assert queries(tx_bouncer) - before == 1  # ROLLBACK only
+		assert queries(tx_bouncer) - before == 2  # the release, then ROLLBACK
 		conn = registry.getconn(key, config, connect)
 		before = queries(tx_bouncer)
 		assert registry.putconn(conn)  # returned idle: nothing at all

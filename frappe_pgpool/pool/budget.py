@@ -138,6 +138,7 @@ class ProcessBudget:
 		self.used: deque[ConnectionPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
 		self.uses: Counter[ConnectionPool] = Counter()  # how often each pool is in `used`
 		self.not_reused = 0  # connections closed on return because keeping did not pay
+		self.keeping = True  # False: the process keeps nothing (PoolRegistry.keep_nothing)
 
 	# All methods below run under self.lock.
 
@@ -205,6 +206,8 @@ class ProcessBudget:
 
 	def reuse_pays(self, pool: ConnectionPool | None = None) -> bool:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
+		if not self.keeping:
+			return False
 		if not self.bounded or not self.recent:
 			return True
 		min_rate = self.reuse_min_rate()

@@ -5,7 +5,9 @@ No Frappe import.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import select
 import weakref
 from collections.abc import Callable
@@ -148,6 +150,9 @@ class SessionDefaults:
 	isolation_level: int | None
 	readonly: bool | None
 	deferrable: bool | None
+	# opened for pgBouncer session mode (or straight to PostgreSQL): the connection is a server session
+	# of ours, reset on return and ended with its server; False: transaction mode (see reset)
+	session: bool = True
 	settings: tuple[tuple[str, str], ...] = ()  # name, value of the session-level settings at open
 	encoding: str = ""
 	cursors: CursorTracker = field(default_factory=lambda: CursorTracker(None))
@@ -176,6 +181,7 @@ class SessionDefaults:
 				conn.isolation_level,
 				conn.readonly,
 				conn.deferrable,
+				session=session,
 				settings=settings,
 				encoding=conn.encoding,
 				cursors=tracker,
@@ -278,11 +284,14 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 	through psycopg2 when psycopg2 knows of the transaction, so that it forgets it too: otherwise
 	the next request's first statement would run without psycopg2's BEGIN, outside any transaction.
 	A request that opened a transaction itself (Frappe's "START TRANSACTION" after a commit) is
-	covered the same way, since psycopg2 then still believes its own BEGIN is open. The reset query
-	ends by setting the connect-time session settings again (RESET ALL dropped them).
+	covered the same way, since psycopg2 then still believes its own BEGIN is open. In session mode
+	the reset query then ends by setting the connect-time session settings again (RESET ALL dropped
+	them); in transaction mode see _release_lent_server.
 	"""
 	defaults.check(conn)
 	defaults.cursors.close_all()
+	if not defaults.session:
+		_release_lent_server(conn)
 	if conn.status != ext.STATUS_READY:
 		conn.rollback()
 	elif conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
@@ -290,7 +299,7 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 			cur.execute("ROLLBACK")
 	if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
 		raise psycopg2.InterfaceError("connection still in a transaction after rollback")
-	query = defaults.reset_sql(reset_query) if reset_query else ""
+	query = defaults.reset_sql(reset_query) if reset_query and defaults.session else ""
 	if query:
 		# Autocommit, so that psycopg2 sends no BEGIN around the reset (switching sends nothing).
 		_set_characteristics(conn, True, None, None, None)
@@ -303,6 +312,37 @@ def reset(conn: ext.connection, defaults: SessionDefaults, reset_query: str) -> 
 		del conn.notifies[:]
 
 
+# Behind a transaction pooler the server lent for the request's open transaction goes back to pgBouncer's
+# pool at the rollback, for any client. Plain Frappe closes inside that transaction, so pgBouncer discards
+# the server. What the transaction made that a rollback keeps is undone here, inside it, first: session
+# advisory locks and sequence state; a prepared statement (SQL PREPARE) would need DEALLOCATE, which
+# would also drop the statements pgBouncer prepared there for other clients, so that server is discarded
+# instead, as plain Frappe's is. Settings, temporary tables, LISTEN, role and cursors made in the
+# transaction are rolled back with it. One round trip, on the server still lent to us.
+TRANSACTION_MODE_RELEASE = (
+	"SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD SEQUENCES; "
+	"SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
+)
+
+
+def _release_lent_server(conn: ext.connection) -> None:
+	"""Transaction mode: leave the server lent for the open transaction as plain Frappe's close would."""
+	status = conn.get_transaction_status()
+	if status == ext.TRANSACTION_STATUS_IDLE:
+		return  # no transaction open: no server is lent to us
+	release = TRANSACTION_MODE_RELEASE
+	if status == ext.TRANSACTION_STATUS_INERROR:
+		# a failed transaction runs nothing until it ends: ended in the same message, so the release still
+		# runs on the lent server (pgBouncer lets it go at the message's end); psycopg2, still believing
+		# its transaction open, is told by its own rollback after this (a round trip more, this case only)
+		release = "ROLLBACK; " + release
+	with conn.cursor(cursor_factory=ext.cursor) as cur:
+		cur.execute(release)
+		prepared = cur.fetchone()[0]
+	if prepared:
+		raise Retire("prepared_statement", "an SQL prepared statement is left on the lent server")
+
+
 def _reset_statements(reset_query: str) -> list[str]:
 	query = reset_query.strip().rstrip(";")
 	if not query:
@@ -312,28 +352,88 @@ def _reset_statements(reset_query: str) -> list[str]:
 	return [query]
 
 
-def close_dropping_server(conn: ext.connection) -> None:
-	"""Close an evicted connection so that pgBouncer drops the server connection behind it too.
+def close_ending_server(conn: ext.connection, drop_server: bool) -> None:
+	"""Close a kept connection the way plain Frappe's ends: pgBouncer drops the server behind it too.
 
-	A client that leaves cleanly gives pgBouncer its server back idle, and pgBouncer keeps it for that
-	database (server_idle_timeout, 10 minutes by default): a process evicting connections across many
-	sites would leave an idle PostgreSQL backend behind per site, far more than plain Frappe, which
-	leaves inside a transaction at every request, so that pgBouncer throws the server away. Leaving the
-	same way costs one round trip (BEGIN); without pgBouncer the backend ends with the connection anyway.
+	A client that leaves idle gives pgBouncer (session mode) its server back idle, kept for that database
+	until server_idle_timeout (10 minutes by default): a process ending connections across many sites would
+	leave an idle PostgreSQL backend per site, which plain Frappe, leaving inside a transaction at every
+	request, never does; and the next login would be given that backend without PostgreSQL checking the
+	role's LOGIN or CONNECT again. So an idle connection of a session (`drop_server`) sends BEGIN and
+	leaves without waiting for the answer: pgBouncer sees its client go with a transaction open and closes
+	the server. Nothing is waited for, so another site's stalled network path or busy server never holds
+	up the caller (libpq sends it in non-blocking mode; a full socket buffer only drops the BEGIN). Without
+	pgBouncer the backend ends with the connection anyway. In transaction mode (`drop_server` False) an
+	idle client holds no server: it is closed as it is.
 	"""
 	try:
 		if (
-			not conn.closed
+			drop_server
+			and not conn.closed
 			and conn.status == ext.STATUS_READY
 			and conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
 		):
-			_set_characteristics(conn, True, None, None, None)  # sends nothing
-			with conn.cursor(cursor_factory=ext.cursor) as cur:
-				cur.execute("BEGIN")
+			_send_without_waiting(conn, b"BEGIN")
 	except (psycopg2.Error, OSError):  # a dead or odd connection: closing it is all that is left
 		pass
 	finally:  # closed even when interrupted (RQ's job timeout is an Exception: it goes on up)
 		close_quietly(conn)
+
+
+class _LibPQ:
+	"""libpq's PQsetnonblocking and PQsendQuery, from the libpq psycopg2 itself is linked with."""
+
+	def __init__(self) -> None:
+		from psycopg2 import _psycopg
+
+		lib = ctypes.CDLL(_psycopg.__file__)  # its dependencies' symbols too: the very libpq it uses
+		self.set_nonblocking = lib.PQsetnonblocking
+		self.set_nonblocking.argtypes = (ctypes.c_void_p, ctypes.c_int)
+		self.set_nonblocking.restype = ctypes.c_int
+		self.send_query = lib.PQsendQuery
+		self.send_query.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+		self.send_query.restype = ctypes.c_int
+
+
+_libpq: _LibPQ | None = None
+_libpq_missing = False
+
+
+def _send_without_waiting(conn: ext.connection, query: bytes) -> bool:
+	"""Queue a query on an idle connection that is about to be closed, through libpq (so TLS works), in
+	non-blocking mode; its answer is never read. False when libpq's functions cannot be reached."""
+	global _libpq, _libpq_missing
+	if _libpq is None:
+		if _libpq_missing:
+			return False
+		try:
+			_libpq = _LibPQ()
+		except (OSError, AttributeError, ImportError):
+			_libpq_missing = True  # closed without it: pgBouncer keeps the server idle, as before
+			return False
+	pointer = conn.pgconn_ptr
+	if not pointer or _libpq.set_nonblocking(pointer, 1) != 0:
+		return False
+	return _libpq.send_query(pointer, query) == 1
+
+
+# A statement that may create a custom (dotted) setting: set_config() anywhere, or SET/RESET of a dotted
+# name. PostgreSQL keeps such a placeholder for the session's life: after any reset it reads '' where a
+# fresh session has none (NULL, or an error), and it is never listed (pg_settings hides placeholders), so
+# no reset can undo it nor a query find it. The return closes such a connection instead (see mark).
+_SET_STATEMENT = re.compile(r"\s*(?:set|reset)\s", re.IGNORECASE)
+_SET_CUSTOM = re.compile(
+	r"\s*(?:set|reset)\s+(?:(?:session|local)\s+)?\"?[A-Za-z_][\w$]*\"?\s*\.", re.IGNORECASE
+)
+
+
+def may_define_custom_setting(query: object) -> bool:
+	"""Whether an SQL statement may create a custom setting (cheap: run on every statement Frappe sends)."""
+	if not isinstance(query, str):
+		return False
+	if "set_config" in query or "SET_CONFIG" in query:
+		return True
+	return _SET_STATEMENT.match(query) is not None and _SET_CUSTOM.match(query) is not None
 
 
 def close_quietly(conn: ext.connection) -> None:

@@ -29,7 +29,7 @@ from .config import PoolConfig
 from .connection import (
 	Retire,
 	SessionDefaults,
-	close_dropping_server,
+	close_ending_server,
 	close_quietly,
 	disown,
 	is_usable,
@@ -79,6 +79,11 @@ class _Record:
 	checkout_stack: str | None = None
 	leak_reported: bool = False
 	thread: int = 0  # ident of the thread whose checkout holds it (the budget counts per thread)
+	retire: str | None = None  # set by mark(): closed on return for this reason instead of reset
+
+	def end(self, _conn: ext.connection | None = None) -> None:
+		"""Close it as plain Frappe's connection ends: a kept session takes its server with it."""
+		close_ending_server(self.conn, self.defaults is not None and self.defaults.session)
 
 
 @dataclass(eq=False)
@@ -232,7 +237,7 @@ class ConnectionPool:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
 		if evict is not None:
 			try:
-				close_dropping_server(evict.conn)  # before connecting: never more than the budget
+				evict.end()  # before connecting: never more than the budget; waits for no answer
 			except BaseException:
 				with self._lock:
 					self._opening -= 1
@@ -376,9 +381,9 @@ class ConnectionPool:
 				return
 			else:
 				return
-		# evicted for this caller, which gave up, or over the budget: pgBouncer drops the server too (as
-		# putconn); closed for another reason (the pool was closed or shrunk meanwhile): as putconn closes
-		self._close_and_release(record.conn, close_dropping_server if reason == "budget" else close_quietly)
+		# evicted for this caller, which gave up, or closed for another reason (over the budget, the pool
+		# closed or shrunk meanwhile): ended as putconn ends it
+		self._close_and_release(record.conn, record.end)
 
 	def _open(self, connect: Connect) -> ext.connection:
 		"""Open a connection in a slot already reserved by the caller."""
@@ -429,6 +434,12 @@ class ConnectionPool:
 		record = self._in_use.get(id(conn))
 		return record is not None and record.conn is conn
 
+	def mark(self, conn: ext.connection, reason: str) -> None:
+		"""The holder left session state no reset can undo: the return closes the connection, for `reason`."""
+		record = self._in_use.get(id(conn))
+		if record is not None and record.conn is conn:
+			record.retire = reason
+
 	def putconn(self, conn: ext.connection, discard: bool = False) -> bool:
 		"""Take a connection back: reset and keep it, or close it. Never raises, but for an exception
 		raised into it (an interruption: the connection is closed and its slot freed first).
@@ -476,7 +487,7 @@ class ConnectionPool:
 					reason = "not_reused"  # closed as plain Frappe closes it: no rollback, no reset
 			if reason is None:
 				try:
-					reset(conn, record.defaults, self._reset_query())
+					reset(conn, record.defaults, self.config.reset_query)
 				except Retire as e:  # client-side state only a round trip could undo: closed instead
 					reason = e.reason
 				except (psycopg2.Error, OSError) as e:  # a failed round trip: the session's state is unknown
@@ -508,10 +519,7 @@ class ConnectionPool:
 				if reason is None:
 					return True
 			self._count_closed(reason)
-		if reason == "budget":  # over the budget: an eviction, see close_dropping_server
-			self._close_and_release(conn, close_dropping_server)
-		else:
-			self._close_and_release(conn, None if reason == "fork" else close_quietly)
+		self._close_and_release(conn, None if reason == "fork" else record.end)
 		return True
 
 	def _close_and_release(
@@ -534,15 +542,16 @@ class ConnectionPool:
 		if reason == "not_reused":
 			self._budget.not_reused += 1
 
-	def _reset_query(self) -> str:
-		# In pgBouncer transaction mode no server session is ours between transactions: a reset would
-		# run on whichever server pgBouncer lends it, and put our settings on it for other clients.
-		return self.config.reset_query if self.config.pgbouncer_mode == "session" else ""
-
 	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
 		conn = record.conn
 		if discard:
 			return "discarded"
+		if record.retire is not None:
+			return record.retire
+		if record.defaults is not None and record.defaults.session != (
+			self.config.pgbouncer_mode == "session"
+		):
+			return "reconfigured"  # opened for the other pgBouncer mode: its reset would not fit it
 		if conn.closed:
 			return "broken"
 		status = conn.get_transaction_status()  # no ConnectionInfo object: this is the hot path
@@ -645,8 +654,20 @@ class ConnectionPool:
 						record.expires_at = self._expiry(record.created_at)
 			excess = max(0, self._total() - config.size)
 			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
+			session = config.pgbouncer_mode == "session"
+			for record in [r for r in self._idle if r.defaults is not None and r.defaults.session != session]:
+				self._idle.remove(record)  # opened for the other pgBouncer mode (see _retire_reason)
+				stale.append((record, "reconfigured"))
 			self._budget.dispatch()  # a larger size lets this pool's waiters open connections
 		self._close_records(stale)
+
+	def close_idle(self, reason: str) -> int:
+		"""Close every idle connection now (the process keeps nothing from here on). Returns how many."""
+		with self._lock:
+			stale = [(record, reason) for record in self._idle]
+			self._idle.clear()
+		self._close_records(stale)
+		return len(stale)
 
 	def close(self) -> None:
 		"""Close idle connections now and in-use ones when they come back; fail waiters."""
@@ -680,7 +701,7 @@ class ConnectionPool:
 			return
 		try:
 			for record, _reason in stale:
-				close_quietly(record.conn)
+				record.end()
 		finally:  # their slots are freed even when interrupted (a connection left unclosed is collected)
 			with self._lock:
 				for _record, reason in stale:

@@ -20,7 +20,6 @@ import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
 from .config import PoolConfig, parse_process_budget
-from .connection import close_dropping_server
 from .errors import ConfigError
 from .pool import Connect, ConnectionPool
 
@@ -107,6 +106,23 @@ class PoolRegistry:
 		pool = self._owner.get(id(conn))
 		return pool is not None and pool.owns(conn)
 
+	def mark(self, conn: ext.connection, reason: str) -> None:
+		"""Close a checked-out connection on return instead of resetting it (see ConnectionPool.mark)."""
+		pool = self._owner.get(id(conn))
+		if pool is not None:
+			pool.mark(conn, reason)
+
+	def keep_nothing(self) -> None:
+		"""This process will serve no further checkout worth keeping a connection for (an RQ work-horse runs
+		one job, then leaves by os._exit, with no atexit): from here on its connections are opened and closed
+		as plain Frappe's (no rollback, no reset on return: closed inside the request's transaction, so
+		pgBouncer drops the server), and what is idle is ended now. A forked child starts keeping again."""
+		self._check_pid()
+		with self._budget.lock:
+			self._budget.keeping = False
+		for pool in self.pools().values():
+			pool.close_idle("keep_nothing")
+
 	def abandon(self, conn: ext.connection) -> None:
 		"""Discard a checked-out connection later: safe from a finalizer or __del__, wherever it runs.
 
@@ -148,7 +164,7 @@ class PoolRegistry:
 			budget.dispatch()  # a higher one: waiters get its new slots
 		try:
 			for _pool, record in excess:
-				close_dropping_server(record.conn)
+				record.end()
 		finally:  # their slots are freed even when interrupted
 			if excess:
 				with budget.lock:
