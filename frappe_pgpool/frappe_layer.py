@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import Any
@@ -17,7 +18,7 @@ import psycopg2.extensions as ext
 
 from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, opening_to_keep, parse_config, registry
 from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
-from .pool.connection import keepalive_options
+from .pool.connection import keepalive_options, may_define_custom_setting
 from .publish import Publisher
 
 log = logging.getLogger("frappe_pgpool")
@@ -42,6 +43,7 @@ _keys: dict[tuple, tuple[str | None, PoolKey]] = {}
 # it; a changed password replaces the entry (held as Frappe's conf holds it). A few per site in practice.
 _dsns: dict[tuple, tuple[object, str]] = {}
 _CONNECT_ARGUMENTS = {"connection_factory", "cursor_factory", "async", "async_"}  # not libpq options
+_kind_checked_in = 0  # pid of the process whose kind was last checked (see _note_process_kind)
 publisher = Publisher(registry)
 
 
@@ -142,6 +144,8 @@ def get_connection(wrapped, instance, args, kwargs):
 		finally:
 			_connect_options.value = None
 
+	if _kind_checked_in != os.getpid():
+		_note_process_kind()
 	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
 	budget = conf.get("db_pool_process_budget")
 	try:
@@ -153,6 +157,28 @@ def get_connection(wrapped, instance, args, kwargs):
 	publisher.configure(conf.get("redis_cache"))
 	instance._pgpool_statements = 0  # sql() calls begun on this checkout (see sql)
 	return conn
+
+
+def _note_process_kind() -> None:
+	"""Once per process, at its first pooled checkout: is it an RQ work-horse?
+
+	Frappe 15's `bench worker` forks a work-horse per job, which runs that one job and leaves by os._exit
+	(no atexit): whatever it kept would be left to pgBouncer as an idle server per site, and the return's
+	reset would be a round trip for nothing. Such a process keeps nothing: its connections are opened and
+	closed as plain Frappe's. RQ runs the job in the horse's main thread under Worker.main_work_horse, so
+	the stack says it; a worker that runs jobs in-process (SimpleWorker, Frappe 16's no-fork worker
+	pool) has no such frame and keeps its connections across jobs.
+	"""
+	global _kind_checked_in
+	_kind_checked_in = os.getpid()
+	frame = sys._getframe(1)
+	while frame is not None:
+		if frame.f_code.co_name == "main_work_horse" and str(frame.f_globals.get("__name__")).startswith(
+			"rq"
+		):
+			registry.keep_nothing()
+			return
+		frame = frame.f_back
 
 
 def _watch(instance, conn) -> None:
@@ -246,12 +272,15 @@ def sql(wrapped, instance, args, kwargs):
 	"""
 	state = instance.__dict__
 	conn = state.get("_conn")
+	query = args[0] if args else kwargs.get("query")
 	if conn is None:
 		expected = 0  # this call connects; nothing else may run on the checkout before its failure
 	else:
 		count = state.get("_pgpool_statements")
 		if count is None:  # not a pooled checkout
 			return wrapped(*args, **kwargs)
+		if may_define_custom_setting(query):  # no reset can undo it: closed on return instead
+			registry.mark(conn, "custom_setting")
 		state["_pgpool_statements"] = count + 1
 		if count or conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
 			return wrapped(*args, **kwargs)
@@ -272,10 +301,16 @@ def sql(wrapped, instance, args, kwargs):
 			raise
 		log.warning("frappe_pgpool: a pooled connection died before its first statement ran; retrying once")
 		_give_back(instance, dead, discard=True)
-		return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
+		try:
+			return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
+		finally:
+			if may_define_custom_setting(query) and state.get("_conn") is not None:
+				registry.mark(state["_conn"], "custom_setting")
 	finally:
 		if conn is None and state.get("_pgpool_statements") == 0:
 			state["_pgpool_statements"] = 1  # the statement of the call that connected
+			if may_define_custom_setting(query):
+				registry.mark(state["_conn"], "custom_setting")
 
 
 def _give_back(instance, conn, discard: bool = False) -> None:
