@@ -27,6 +27,16 @@ _how: str | None = None  # "start": armed before Frappe's PostgreSQL module was 
 _pth_ran = False
 
 
+def _after_fork_in_child() -> None:
+	# arm() runs in a forked work-horse too (arming.before_job): _lock may have been held by a parent
+	# thread at fork time, and the thread that would release it is not in the child
+	global _lock
+	_lock = _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def arm(*, pth: bool = False) -> None:
 	"""Install the wrappers when Frappe's PostgreSQL module loads, or now if it already has."""
 	global _how, _pth_ran

@@ -47,6 +47,22 @@ _kind_checked_in = 0  # pid of the process whose kind was last checked (see _not
 publisher = Publisher(registry)
 
 
+def _after_fork_in_child() -> None:
+	# Frappe 15's RQ worker forks a work-horse per job while its scheduler thread may be reading site
+	# config under _config_lock: the child would block at its first config-cache miss on a copy held by
+	# a thread it does not have. The Frappe layer's module locks, and which a child can need:
+	# - _config_lock (here): every connection of the child (site_pool_config): re-created.
+	# - patch._lock: install() in a work-horse armed late (arming.before_job): re-created in patch.py.
+	# - bootstrap._lock: arm() in that same before_job: re-created in bootstrap.py.
+	# - Publisher._lock (publish.py): re-created by the Publisher's own fork hook; the registry's and the
+	#   budget's locks by the registry's (pool/registry.py). observe.py and arming.py hold no lock.
+	global _config_lock
+	_config_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	"""The pool settings of a site, or None when the site must behave as plain Frappe.
 

@@ -5,10 +5,15 @@ No Frappe import. A report is one process's view of one site:
 processes that have them, "budget" (the registry's per-process budget: {"process_budget", "limit", "open",
 "peak", ...}) and "armed" ("start", "hook" or "no": how the patch was armed). A pool snapshot may carry "hits", "misses"
 and "evictions" (by reason). Reports of older processes lack these keys: every reader uses .get.
+
+What a process publishes is bounded (reports(detail=...)): at most DETAIL_POOLS pools one by one, and one
+more report, site OTHER, whose one row sums the others and the pools the registry dropped ("pools" and
+"dropped" count them), so that the process totals keep every checkout.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import socket
 import sys
@@ -16,6 +21,12 @@ import time
 from collections.abc import Iterable
 
 from .pool import PoolRegistry
+from .pool.registry import add_counters
+
+OTHER = "(other)"  # the site of the report that sums the pools not reported one by one
+DETAIL_POOLS = 32  # pools a process publishes one by one, at most
+_GAUGES = ("max_size", "size", "idle", "in_use", "opening", "waiting")
+_HIGHEST = ("wait_seconds_p50", "wait_seconds_p95", "wait_seconds_p99", "oldest_connection_seconds")
 
 
 def process_role(argv: list[str] | None = None) -> str:
@@ -46,12 +57,41 @@ def process_fields(registry: PoolRegistry) -> dict:
 	return fields
 
 
-def reports(registry: PoolRegistry, site: str | None = None) -> list[dict]:
-	"""This process's reports, one per site it pools (or only `site`)."""
+def reports(
+	registry: PoolRegistry, site: str | None = None, detail: int | None = None, seen: dict | None = None
+) -> list[dict]:
+	"""This process's reports, one per site it pools (or only `site`).
+
+	With `detail` (all sites): at most that many pools one by one, those holding connections first, then
+	the busiest by checkouts since the last call (`seen`, kept by the caller, has the counts of then);
+	the others and the dropped pools summed in one more report, of site OTHER. O(pools): a few attribute
+	reads per pool, a snapshot only of those reported.
+	"""
+	census = getattr(registry, "census", None)
+	pools, dropped = census() if callable(census) else (registry.pools(), {})
+	rest: list = []
+	if site is not None:
+		pools = {key: pool for key, pool in pools.items() if key.site == site}
+	elif detail is not None:
+		last = seen if seen is not None else {}
+		now = {key: pool.stats.checkouts for key, pool in pools.items()}
+
+		def busy(item) -> tuple:
+			key, pool = item
+			checkouts = now[key]
+			recent = checkouts - last.get(key, 0)
+			return (pool.held() > 0, recent if recent >= 0 else checkouts, checkouts)
+
+		if len(pools) > detail:
+			shown = dict(heapq.nlargest(detail, pools.items(), key=busy))
+			rest = [pool for key, pool in pools.items() if key not in shown]
+			pools = shown
+		if seen is not None:
+			seen.clear()
+			seen.update(now)
 	by_site: dict[str, list[dict]] = {}
-	for key, pool in registry.pools().items():
-		if site is None or key.site == site:
-			by_site.setdefault(key.site, []).append(pool.snapshot())
+	for key, pool in pools.items():
+		by_site.setdefault(key.site, []).append(pool.snapshot())
 	base = {
 		"host": socket.gethostname(),
 		"pid": os.getpid(),
@@ -59,7 +99,29 @@ def reports(registry: PoolRegistry, site: str | None = None) -> list[dict]:
 		"reported_at": time.time(),
 		**process_fields(registry),
 	}
-	return [{**base, "site": name, "pools": pools} for name, pools in sorted(by_site.items())]
+	out = [{**base, "site": name, "pools": rows} for name, rows in sorted(by_site.items())]
+	if site is None and detail is not None and (rest or dropped.get("pools")):
+		out.append({**base, "site": OTHER, "pools": [summed(rest, dropped)]})
+	return out
+
+
+def summed(pools: list, dropped: dict) -> dict:
+	"""One row for many pools: gauges and counters summed (with the dropped pools' counters), the highest
+	wait percentiles and age; "pools" and "dropped" say how many it sums."""
+	row: dict = {name: 0 for name in _GAUGES}
+	row.update({name: 0.0 for name in _HIGHEST})
+	for pool in pools:
+		snapshot = pool.snapshot()
+		for name in _GAUGES:
+			row[name] += snapshot[name]
+		for name in _HIGHEST:
+			row[name] = max(row[name], snapshot[name])
+		add_counters(row, snapshot)
+	add_counters(row, dropped)
+	count = dropped.get("pools", 0)
+	row.update(name=f"{len(pools)} pools not shown one by one, {count} dropped", pid=os.getpid())
+	row.update(pools=len(pools), dropped=count, reuse_rate=None)
+	return row
 
 
 def hit_rate(pool: dict) -> float | None:

@@ -9,6 +9,7 @@ Only Frappe 15 and 16 are patched; any other major logs once and is left alone (
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import wrapt
@@ -23,6 +24,16 @@ _lock = threading.Lock()
 # trigger (bootstrap), which calls install() again in the same thread: it must return at once.
 _resolving = threading.local()
 _unsupported: str | None = None  # the Frappe version refused, once logged
+
+
+def _after_fork_in_child() -> None:
+	# a work-horse armed in before_job installs the wrappers: _lock may have been held by a parent
+	# thread at fork time (frappe_layer lists the Frappe layer's locks)
+	global _lock
+	_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # (module path, class name or None for the module itself, attribute) -> the wrapper we put there
 _TARGETS = (

@@ -39,6 +39,8 @@ class Publisher:
 		self._client = None
 		self._last = 0.0
 		self._failing = False
+		self._seen: dict = {}  # checkouts of each pool at the last round (observe.reports ranks by them)
+		self._published: set[str] = set()  # the keys of the last round, deleted when not published again
 		self._lock = threading.Lock()
 		# the reaper thread may hold it when another thread forks (RQ work-horses)
 		os.register_at_fork(after_in_child=self._after_fork)
@@ -47,6 +49,8 @@ class Publisher:
 		self._lock = threading.Lock()
 		self._client = None
 		self._last = 0.0
+		self._seen = {}
+		self._published = set()
 
 	def configure(self, url: str | None) -> None:
 		"""Called on each pooled checkout with the bench's redis_cache URL; cheap when unchanged."""
@@ -77,16 +81,28 @@ class Publisher:
 		self._last = now
 		self.publish()
 
+	def payload(self) -> dict[str, str]:
+		"""This round's values by key: a report per site of at most observe.DETAIL_POOLS pools in all, and
+		one of site observe.OTHER summing the other pools and the dropped ones. With "armed" and the process
+		budget (observe.process_fields)."""
+		items = observe.reports(self.registry, detail=observe.DETAIL_POOLS, seen=self._seen)
+		return {_key(report["site"], report["host"], report["pid"]): json.dumps(report) for report in items}
+
 	def publish(self) -> int:
-		items = observe.reports(self.registry)  # with "armed" and the process budget (observe.process_fields)
+		payload = self.payload()
+		# a site no longer reported one by one (its pools summed, or dropped): its last report goes now,
+		# not at its TTL, or readers would count those pools twice meanwhile
+		gone = self._published.difference(payload)
 		try:
 			with self._lock:
 				if self._client is None:
 					self._client = _client(self.url)
 				client = self._client
 			pipe = client.pipeline(transaction=False)
-			for report in items:
-				pipe.set(_key(report["site"], report["host"], report["pid"]), json.dumps(report), ex=TTL)
+			for key, value in payload.items():
+				pipe.set(key, value, ex=TTL)
+			if gone:
+				pipe.delete(*gone)
 			pipe.execute()
 		except Exception as e:  # stats are best effort; a request never pays for them
 			if not self._failing:
@@ -94,9 +110,11 @@ class Publisher:
 					"frappe_pgpool: cannot publish pool stats to %s: %s", redacted(self.url), redacted(e)
 				)
 			self._failing = True
+			self._published.update(payload)  # maybe written: deleted once no longer published
 			return 0
 		self._failing = False
-		return len(items)
+		self._published = set(payload)
+		return len(payload)
 
 
 def collect(url: str, site: str | None = None) -> list[dict]:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -92,18 +90,9 @@ def uninstall(python: Path, installer: str) -> None:
 		run(UV, "pip", "uninstall", "-q", "--python", str(python), "frappe_pgpool")
 
 
-def startup_ms(python: Path, n: int = 15) -> float:
-	times = []
-	for _ in range(n + 2):
-		start = time.perf_counter()
-		subprocess.run([str(python), "-c", "pass"], check=True)
-		times.append(time.perf_counter() - start)
-	return statistics.median(times[2:]) * 1000
-
-
 @pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
 @pytest.mark.parametrize("installer", ["pip", "uv"])
-def test_the_package_install_arms_every_interpreter_cheaply_and_uninstall_leaves_nothing(
+def test_the_package_install_arms_every_interpreter_importing_only_bootstrap_and_uninstall_leaves_nothing(
 	tmp_path, wheel, installer, editable
 ):
 	if installer == "uv" and UV is None:
@@ -111,7 +100,6 @@ def test_the_package_install_arms_every_interpreter_cheaply_and_uninstall_leaves
 	python = fresh_venv(tmp_path / "venv")
 	sp = site_packages(python)
 	before = probe(python)
-	plain_ms = startup_ms(python)
 
 	install(python, installer, str(ROOT) if editable else str(wheel), editable)
 
@@ -120,14 +108,12 @@ def test_the_package_install_arms_every_interpreter_cheaply_and_uninstall_leaves
 	assert PTH in {line.split(",")[0] for line in record.read_text().splitlines()}  # so uninstall removes it
 	after = probe(python)
 	# site.py itself decodes .pth files with the utf-8-sig codec since Python 3.13: any .pth loads it
+	# What a start costs is what it imports: the package's __init__ and bootstrap (which imports only os,
+	# sys and _thread, loaded at any start), nothing else: no wrapt (it once cost ~90 ms a start), psycopg2,
+	# Frappe, asyncio or importlib.metadata. The time itself is a figure: benchmarks/startup.py.
 	new_modules = {m for m in set(after["modules"]) - set(before["modules"]) if m != "encodings.utf_8_sig"}
 	assert new_modules == {"frappe_pgpool", "frappe_pgpool.bootstrap"}, new_modules
 	assert after["finders"][0] == "frappe_pgpool.bootstrap._Trigger", after["finders"]
-	armed_ms = startup_ms(python)
-	print(
-		f"\n{installer} {'editable' if editable else 'wheel'}: python -c pass {plain_ms:.1f} -> {armed_ms:.1f} ms"
-	)
-	assert armed_ms - plain_ms < 15  # importing wrapt at start cost ~90 ms
 
 	uninstall(python, installer)
 	# (pip removes the then empty site-packages of this pip-less venv altogether)

@@ -683,6 +683,20 @@ class ConnectionPool:
 			budget.forget(self)
 		self._close_records(stale)
 
+	def close_if_empty(self) -> bool:
+		"""Close the pool if it holds nothing: no connection idle, in use, being opened or taken back, and no
+		waiter. The registry drops such a pool; a checkout that reaches it afterwards gets PoolClosed."""
+		with self._lock:
+			if self._closed or self._total() or any(w.pool is self for w in self._budget.waiters):
+				return False
+			self._closed = True
+			self._budget.forget(self)
+			return True
+
+	def held(self) -> int:
+		"""Connections held, being opened or taken back; read without the lock (a hint, for ranking)."""
+		return self._total()
+
 	def disown_all(self) -> None:
 		"""In a forked child: make every inherited connection harmless, never closing it."""
 		for record in [*self._idle, *self._in_use.values()]:

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -20,12 +21,44 @@ import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
 from .config import PoolConfig, parse_process_budget
-from .errors import ConfigError
+from .errors import ConfigError, PoolClosed
 from .pool import Connect, ConnectionPool
 
 log = logging.getLogger("frappe_pgpool")
 
 _KEEP = object()  # getconn without process_budget: keep the current one
+
+# A pool that holds nothing and has had no checkout for this long, or for its max_idle if longer, is dropped
+# (maintain): every site and every password rotation would otherwise add a pool to the process for good.
+UNUSED_POOL_SECONDS = 60.0
+
+# The counters of a pool snapshot (ConnectionPool.snapshot), which a dropped pool leaves in the process totals
+COUNTERS = (
+	"checkouts",
+	"hits",
+	"misses",
+	"returns",
+	"created",
+	"connect_errors",
+	"timeouts",
+	"waits",
+	"wait_seconds_total",
+	"budget_waits",
+	"budget_timeouts",
+)
+COUNTERS_BY_REASON = ("closed", "evictions")
+
+
+def add_counters(total: dict, snapshot: dict) -> dict:
+	"""Add a pool snapshot's counters to `total` (in place): sums, per-reason sums, the longest wait."""
+	for name in COUNTERS:
+		total[name] = total.get(name, 0) + snapshot.get(name, 0)
+	for name in COUNTERS_BY_REASON:
+		merged = total.setdefault(name, {})
+		for reason, count in (snapshot.get(name) or {}).items():
+			merged[reason] = merged.get(reason, 0) + count
+	total["wait_seconds_max"] = max(total.get("wait_seconds_max", 0.0), snapshot.get("wait_seconds_max", 0.0))
+	return total
 
 
 @dataclass(frozen=True)
@@ -61,14 +94,19 @@ class PoolRegistry:
 	is also every pool's lock; never the reverse. Finalizers take neither (see abandon).
 	"""
 
-	def __init__(self, reap_interval: float = 1.0) -> None:
+	def __init__(self, reap_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
 		self._lock = threading.Lock()
+		self._clock = clock  # its pools' clock too
 		self._budget = ProcessBudget()  # "auto" until set_process_budget says otherwise
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
 		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
 		self._sites: set[str] = set()  # sites with a pool here (holds_site); their pools go all together
 		self._owner: dict[int, ConnectionPool] = {}  # id(conn) -> pool, for checked-out connections
+		# key -> (its pool's checkouts when last seen changed, the clock then): when it was last used (maintain)
+		self._activity: dict[PoolKey, tuple[int, float]] = {}
+		self._dropped: dict[str, object] = {"pools": 0}  # the counters of the pools dropped (add_counters)
+		self._dropped_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()  # checkouts retry on these
 		# Connections given up by a finalizer (see abandon), discarded at the next checkout, return or reaper round.
 		self._abandoned: deque[ext.connection] = deque()
 		self._pid = os.getpid()
@@ -87,7 +125,14 @@ class PoolRegistry:
 		if process_budget is not _KEEP and process_budget != self._budget_value:
 			self.set_process_budget(process_budget)
 		pool = self.pool(key, config)
-		conn = pool.getconn(connect)
+		while True:
+			try:
+				conn = pool.getconn(connect)
+				break
+			except PoolClosed:
+				if pool not in self._dropped_pools:
+					raise
+				pool = self.pool(key, config)  # dropped since it was looked up (maintain): a fresh one
 		# No lock: a dict item set/pop is atomic, and an id cannot be reused while the pool
 		# holds the connection, so id(conn) names exactly this connection.
 		self._owner[id(conn)] = pool
@@ -184,7 +229,9 @@ class PoolRegistry:
 			with self._lock:
 				pool = self._pools.get(key)
 				if pool is None:
-					pool = self._pools[key] = ConnectionPool(key.label, config, budget=self._budget)
+					pool = ConnectionPool(key.label, config, clock=self._clock, budget=self._budget)
+					self._pools[key] = pool
+					self._activity[key] = (0, self._clock())
 					self._sites.add(key.site)
 					self._ensure_reaper()
 		if pool.config is not config and pool.config != config:
@@ -194,6 +241,17 @@ class PoolRegistry:
 	def pools(self) -> dict[PoolKey, ConnectionPool]:
 		self._check_pid()
 		return dict(self._pools)
+
+	def dropped(self) -> dict[str, object]:
+		"""The counters of the pools dropped so far ("pools": how many), as a pool snapshot has them."""
+		return self.census()[1]
+
+	def census(self) -> tuple[dict[PoolKey, ConnectionPool], dict[str, object]]:
+		"""pools() and dropped() at one instant: a pool is in one or the other, never both, never neither."""
+		self._check_pid()
+		with self._lock:
+			dropped = {k: dict(v) if isinstance(v, dict) else v for k, v in self._dropped.items()}
+			return dict(self._pools), dropped
 
 	def holds_site(self, site: str) -> bool:
 		"""Whether this process has a pool of `site` (O(1): asked at every connection of a site that does not pool)."""
@@ -205,16 +263,51 @@ class PoolRegistry:
 		with self._lock:
 			keys = [key for key in self._pools if key.site == site]
 			pools = [self._pools.pop(key) for key in keys]
+			for key in keys:
+				self._activity.pop(key, None)
 			self._sites.discard(site)
 		for pool in pools:
 			pool.close()
 		return len(pools)
 
 	def maintain(self) -> int:
-		"""Prune every pool's stale idle connections (the reaper does this every reap_interval)."""
+		"""Prune every pool's stale idle connections, then drop the pools unused and empty (the reaper does
+		this every reap_interval). Returns how many connections were closed."""
 		if self._abandoned:
 			self._drain_abandoned()
-		return sum(pool.maintain() for pool in self.pools().values())
+		closed = sum(pool.maintain() for pool in self.pools().values())
+		self._drop_unused()
+		return closed
+
+	def _drop_unused(self) -> None:
+		"""Close and forget the pools that hold nothing and have had no checkout for their max_idle, at least
+		UNUSED_POOL_SECONDS; their counters go to dropped(). A later checkout of the key makes a fresh pool.
+		One pass over the pools, a few attribute reads each."""
+		now = self._clock()
+		with self._lock:
+			activity = self._activity
+			drop = []
+			for key, pool in self._pools.items():
+				checkouts = pool.stats.checkouts
+				seen = activity.get(key)
+				if seen is None or seen[0] != checkouts:
+					activity[key] = (checkouts, now)
+				elif now - seen[1] >= max(pool.config.max_idle, UNUSED_POOL_SECONDS) and not pool.held():
+					drop.append(key)
+			if not drop:
+				return
+			for key in drop:
+				pool = self._pools[key]
+				# first: a checkout that finds it closed must know at once that it was dropped (and retry)
+				self._dropped_pools.add(pool)
+				if not pool.close_if_empty():  # under the budget's lock: a checkout may have begun meanwhile
+					self._dropped_pools.discard(pool)
+					continue
+				del self._pools[key]
+				del activity[key]
+				add_counters(self._dropped, pool.snapshot())
+				self._dropped["pools"] += 1
+			self._sites = {key.site for key in self._pools}
 
 	def _ensure_reaper(self) -> None:
 		# Under self._lock. Threads do not survive fork(): a child starts its own on first use.
@@ -227,6 +320,7 @@ class PoolRegistry:
 			pools = list(self._pools.values())
 			self._pools.clear()
 			self._sites.clear()
+			self._activity.clear()
 			if self._reaper is not None:
 				self._reaper.stop.set()
 				self._reaper = None
@@ -239,6 +333,9 @@ class PoolRegistry:
 			pool.disown_all()
 		self._pools = {}
 		self._sites = set()
+		self._activity = {}
+		self._dropped = {"pools": 0}  # the child's counters start at none, as its budget's
+		self._dropped_pools = weakref.WeakSet()
 		# a fresh budget: its lock may have been held at fork time; the child's checkouts start at none
 		self._budget = ProcessBudget(setting=self._budget.setting)
 		self._owner = {}
