@@ -6,7 +6,7 @@ import os
 
 import frappe
 
-from . import observe, publish
+from . import __version__, observe, publish
 from .patch import is_installed
 from .pool import registry
 from .pool.connection import keepalive_options
@@ -26,6 +26,7 @@ def status() -> dict:
 	conn = frappe.db._conn
 	return {
 		"site": site,
+		"version": __version__,
 		"process_id": os.getpid(),
 		"backend_pid": backend_pid,
 		"current_user": current_user,

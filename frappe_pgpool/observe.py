@@ -42,10 +42,12 @@ def process_role(argv: list[str] | None = None) -> str:
 
 
 def process_fields(registry: PoolRegistry) -> dict:
-	"""This process's own fields of a report: how it was armed, and its budget where the registry has one."""
+	"""This process's own fields of a report: how it was armed, the app's version it runs, and its budget
+	where the registry has one."""
+	from . import __version__
 	from .bootstrap import armed  # no Frappe import
 
-	fields: dict[str, object] = {"armed": armed()}
+	fields: dict[str, object] = {"armed": armed(), "version": __version__}
 	snapshot = getattr(registry, "snapshot", None)  # the per-process budget: setting, limit, open, peak, ...
 	if callable(snapshot):
 		try:

@@ -49,7 +49,11 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 			"processes running and serving this site, with db_pool_enabled set?"
 		)
 	else:
-		click.echo(f"site {site}: {len(items)} processes\n" + observe.render_table(items))
+		# a process of a version before 0.2.0 reports none: a bench mid-upgrade shows both
+		versions = ", ".join(sorted({str(item.get("version", "before 0.2.0")) for item in items}))
+		click.echo(
+			f"site {site}: {len(items)} processes, frappe_pgpool {versions}\n" + observe.render_table(items)
+		)
 
 
 @pgpool.command("doctor")

@@ -56,6 +56,10 @@ def test_status_lists_every_worker_process(served):
 	table = bench("pgpool", "status").stdout
 	print("\n" + table)
 	assert f"site {SITE}: " in table and "total:" in table
+	from frappe_pgpool import __version__
+
+	assert f"frappe_pgpool {__version__}" in table  # the version every reporting process runs
+	assert {by_pid[pid]["version"] for pid in web.worker_pids()} == {__version__}
 	text = bench("pgpool", "status", "--prometheus").stdout
 	assert "# TYPE frappe_pgpool_checkouts_total counter" in text and f'site="{SITE}"' in text
 	password = read_site_config(SITE)["db_password"]
