@@ -21,7 +21,7 @@ import os
 import socket
 import time
 
-from . import bootstrap
+from . import armed_state, bootstrap
 
 log = logging.getLogger("frappe_pgpool")
 
@@ -45,7 +45,7 @@ def _check(event: str) -> None:
 	import frappe
 
 	bootstrap.arm()  # imports and installs the patch now if the process was not armed
-	state = bootstrap.armed()
+	state = armed_state.armed()
 	if state == "start":
 		_done = True
 		return

@@ -10,20 +10,23 @@ own helpers, scripts) pay well under a millisecond for it.
 
 A process that imports the app after Frappe's PostgreSQL module (a request or job hook, the
 fallback in `arming.py`) is armed late: `armed()` tells which, for the published process report.
-This module imports nothing beyond `os` and `sys` at start (not even __future__); keep it that way.
+This module imports nothing beyond `os`, `sys` and the leaf `armed_state` (where the record of how the
+process was armed lives, for the reports) at start (not even __future__); keep it that way.
 """
 
 import _thread
 import os
 import sys
 
-POSTGRES_MODULE = "frappe.database.postgres.database"
+from . import armed_state
+from .armed_state import POSTGRES_MODULE
+from .armed_state import armed as armed  # re-exported: tests and older callers read bootstrap.armed()
+
 PTH_NAME = "frappe_pgpool_arm.pth"  # shipped by the package: pyproject.toml, force-include
 LEGACY_PTH_NAME = "frappe_pgpool_autoload.pth"  # what install-app wrote up to 0.1.0; removed on sight
 DISABLE_ENV = "FRAPPE_PGPOOL_DISABLE_PATCH"
 
 _lock = _thread.allocate_lock()
-_how: str | None = None  # "start": armed before Frappe's PostgreSQL module was loaded; "hook": after
 _pth_ran = False
 
 
@@ -39,30 +42,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def arm(*, pth: bool = False) -> None:
 	"""Install the wrappers when Frappe's PostgreSQL module loads, or now if it already has."""
-	global _how, _pth_ran
+	global _pth_ran
 	if pth:
 		_pth_ran = True
 	if os.environ.get(DISABLE_ENV) == "1":
 		return
 	with _lock:
-		if _how is not None:
+		if armed_state.how is not None:
 			return
 		loaded = sys.modules.get(POSTGRES_MODULE)
-		_how = "hook" if loaded is not None else "start"
+		armed_state.how = "hook" if loaded is not None else "start"
 		trigger = _Trigger(POSTGRES_MODULE, _install)
 		sys.meta_path.insert(0, trigger)  # a later load (a re-import) gets wrapped too
 	if loaded is not None:
 		trigger.fire(loaded)
-
-
-def armed() -> str:
-	"""How this process got the patch: "start", "hook" (late: earlier connections went unpooled) or "no"."""
-	if _how is None:
-		return "no"
-	if POSTGRES_MODULE not in sys.modules:
-		return _how  # nothing to wrap yet, and so no connection opened yet either
-	patch = sys.modules.get("frappe_pgpool.patch")
-	return _how if patch is not None and patch.is_installed() else "no"
 
 
 def why_not_at_start() -> str:

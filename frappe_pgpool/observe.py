@@ -45,7 +45,7 @@ def process_fields(registry: PoolRegistry) -> dict:
 	"""This process's own fields of a report: how it was armed, the app's version it runs, and its budget
 	where the registry has one."""
 	from . import __version__
-	from .bootstrap import armed  # no Frappe import
+	from .armed_state import armed  # no Frappe import
 
 	fields: dict[str, object] = {"armed": armed(), "version": __version__}
 	snapshot = getattr(registry, "snapshot", None)  # the per-process budget: setting, limit, open, peak, ...

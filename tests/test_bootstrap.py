@@ -112,7 +112,9 @@ def test_the_package_install_arms_every_interpreter_importing_only_bootstrap_and
 	# sys and _thread, loaded at any start), nothing else: no wrapt (it once cost ~90 ms a start), psycopg2,
 	# Frappe, asyncio or importlib.metadata. The time itself is a figure: benchmarks/startup.py.
 	new_modules = {m for m in set(after["modules"]) - set(before["modules"]) if m != "encodings.utf_8_sig"}
-	assert new_modules == {"frappe_pgpool", "frappe_pgpool.bootstrap"}, new_modules
+	assert new_modules == {"frappe_pgpool", "frappe_pgpool.bootstrap", "frappe_pgpool.armed_state"}, (
+		new_modules
+	)
 	assert after["finders"][0] == "frappe_pgpool.bootstrap._Trigger", after["finders"]
 
 	uninstall(python, installer)
