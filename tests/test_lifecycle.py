@@ -312,3 +312,26 @@ def test_a_revoked_role_stops_being_served_within_the_lifetime(cluster, registry
 			pool.close()
 			cluster.execute("ALTER ROLE revoked LOGIN")
 			cluster.terminate_backends(usename="revoked")
+
+
+@pytest.mark.parametrize(
+	"statement, defines",
+	[
+		("SELECT set_config('app.tenant_id', '42', false)", True),
+		("select 1 from x where pg_catalog.SET_CONFIG('a.b', 'c', true) is not null", True),
+		("SET app.tenant_id = 42", True),
+		("  set session myapp.t TO 1", True),
+		('SET LOCAL "my_app".x = 1', True),
+		("RESET app.tenant_id", True),
+		("set local statement_timeout = 5000", False),  # Frappe 15's own: a built-in setting
+		("SET search_path TO public", False),
+		("select name from `tabToDo` order by modified desc limit 20 offset 0", False),
+		("start transaction", False),
+		(None, False),
+	],
+)
+def test_which_statements_may_create_a_custom_setting(statement, defines):
+	"""Item 5a: what the Frappe layer's sql wrapper marks (the connection is then closed on return)."""
+	from frappe_pgpool.pool.connection import may_define_custom_setting
+
+	assert may_define_custom_setting(statement) is defines

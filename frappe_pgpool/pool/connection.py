@@ -421,7 +421,7 @@ def _send_without_waiting(conn: ext.connection, query: bytes) -> bool:
 # name. PostgreSQL keeps such a placeholder for the session's life: after any reset it reads '' where a
 # fresh session has none (NULL, or an error), and it is never listed (pg_settings hides placeholders), so
 # no reset can undo it nor a query find it. The return closes such a connection instead (see mark).
-_SET_STATEMENT = re.compile(r"\s*(?:set|reset)\s", re.IGNORECASE)
+_starts_with_set = re.compile(r"\s*(?:set|reset)\s", re.IGNORECASE).match  # bound: a lookup less per call
 _SET_CUSTOM = re.compile(
 	r"\s*(?:set|reset)\s+(?:(?:session|local)\s+)?\"?[A-Za-z_][\w$]*\"?\s*\.", re.IGNORECASE
 )
@@ -433,7 +433,7 @@ def may_define_custom_setting(query: object) -> bool:
 		return False
 	if "set_config" in query or "SET_CONFIG" in query:
 		return True
-	return _SET_STATEMENT.match(query) is not None and _SET_CUSTOM.match(query) is not None
+	return _starts_with_set(query) is not None and _SET_CUSTOM.match(query) is not None
 
 
 def close_quietly(conn: ext.connection) -> None:
