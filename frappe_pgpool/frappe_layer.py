@@ -288,14 +288,14 @@ def sql(wrapped, instance, args, kwargs):
 	"""
 	state = instance.__dict__
 	conn = state.get("_conn")
-	query = args[0] if args else kwargs.get("query")
+	custom = may_define_custom_setting(args[0] if args else kwargs.get("query"))
 	if conn is None:
 		expected = 0  # this call connects; nothing else may run on the checkout before its failure
 	else:
 		count = state.get("_pgpool_statements")
 		if count is None:  # not a pooled checkout
 			return wrapped(*args, **kwargs)
-		if may_define_custom_setting(query):  # no reset can undo it: closed on return instead
+		if custom:  # no reset can undo it: closed on return instead
 			registry.mark(conn, "custom_setting")
 		state["_pgpool_statements"] = count + 1
 		if count or conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
@@ -320,13 +320,14 @@ def sql(wrapped, instance, args, kwargs):
 		try:
 			return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
 		finally:
-			if may_define_custom_setting(query) and state.get("_conn") is not None:
+			if custom and state.get("_conn") is not None:
 				registry.mark(state["_conn"], "custom_setting")
 	finally:
 		if conn is None and state.get("_pgpool_statements") == 0:
 			state["_pgpool_statements"] = 1  # the statement of the call that connected
-			if may_define_custom_setting(query):
-				registry.mark(state["_conn"], "custom_setting")
+		# whatever the count: a nested sql() inside connect() (v15's SET LOCAL statement_timeout) moves it
+		if custom and conn is None and state.get("_pgpool_statements") is not None:
+			registry.mark(state["_conn"], "custom_setting")
 
 
 def _give_back(instance, conn, discard: bool = False) -> None:

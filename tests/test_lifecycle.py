@@ -13,6 +13,7 @@ measure of speed: the assertion is that the checkout ended while the other site'
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,44 @@ def test_a_transaction_mode_return_leaves_no_prepared_statement_on_the_lent_serv
 		assert left == 0
 
 
+def test_a_failed_transaction_mode_request_leaves_no_prepared_statement_and_waits_for_no_server(
+	cluster, registry
+):
+	"""Item 6, found by a cold review: a request that PREPAREs, then fails. The release must run on the
+	server still lent (so the server is dropped with the statement on it), and the return must not need
+	another server of its site's saturated pool for psycopg2's own ROLLBACK."""
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction", default_pool_size=1) as bouncer:
+		config = PoolConfig(enabled=True, size=1, pgbouncer_mode="transaction")
+		key = key_for(bouncer=bouncer)
+		conn = registry.getconn(key, config, frappe_like_factory(bouncer))
+		conn.cursor().execute("PREPARE failed_leftover AS SELECT 1")
+		with pytest.raises(psycopg2.errors.DivisionByZero):
+			scalar(conn, "SELECT 1/0")
+		# another client of the site queues for the only server: a return that needs a server again waits
+		queued = bouncer.connect("app1", USERS["app1"])
+
+		def hold_the_server():
+			with contextlib.suppress(psycopg2.errors.QueryCanceled):
+				scalar(queued, f"SELECT pg_sleep({HANG + 10})")  # cancelled below
+
+		waiting = threading.Thread(target=hold_the_server, daemon=True)
+		waiting.start()
+		assert wait_for(lambda: int(pools(bouncer, "app1").get("cl_waiting", 0)) == 1)
+		returned = threading.Thread(target=registry.putconn, args=(conn,), daemon=True)
+		returned.start()
+		returned.join(HANG)
+		stalled = returned.is_alive()  # waiting for the server the queued client got
+		queued.cancel()
+		waiting.join(HANG)
+		returned.join(HANG)
+		queued.rollback()
+		left = scalar(queued, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'failed_leftover'")
+		queued.close()
+		assert left == 0
+		assert registry.snapshot()["idle"] == 0  # closed inside the transaction: pgBouncer dropped the server
+		assert not stalled
+
+
 def test_switching_transaction_to_session_mode_in_place_never_resets_without_the_connect_settings(
 	cluster, registry
 ):
@@ -323,6 +362,11 @@ def test_a_revoked_role_stops_being_served_within_the_lifetime(cluster, registry
 		("  set session myapp.t TO 1", True),
 		('SET LOCAL "my_app".x = 1', True),
 		("RESET app.tenant_id", True),
+		("select Set_Config('app.x', '1', false)", True),
+		("/* tenant */ SET app.x = 1", True),
+		("-- tenant\nSET app.x = 1", True),
+		("SELECT 1; SET app.x = 1", True),
+		("SELECT 1; set local statement_timeout = 5", False),
 		("set local statement_timeout = 5000", False),  # Frappe 15's own: a built-in setting
 		("SET search_path TO public", False),
 		("select name from `tabToDo` order by modified desc limit 20 offset 0", False),

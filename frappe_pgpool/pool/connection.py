@@ -332,10 +332,11 @@ def _release_lent_server(conn: ext.connection) -> None:
 		return  # no transaction open: no server is lent to us
 	release = TRANSACTION_MODE_RELEASE
 	if status == ext.TRANSACTION_STATUS_INERROR:
-		# a failed transaction runs nothing until it ends: ended in the same message, so the release still
-		# runs on the lent server (pgBouncer lets it go at the message's end); psycopg2, still believing
-		# its transaction open, is told by its own rollback after this (a round trip more, this case only)
-		release = "ROLLBACK; " + release
+		# a failed transaction runs nothing until it ends: ended, and a new one begun, in the same message,
+		# so the release runs on the lent server and the message ends inside a transaction: pgBouncer keeps
+		# the server ours (a prepared statement found closes it inside that transaction; else psycopg2's own
+		# rollback below ends it there, never needing another server of a saturated pool)
+		release = "ROLLBACK; BEGIN; " + release
 	with conn.cursor(cursor_factory=ext.cursor) as cur:
 		cur.execute(release)
 		prepared = cur.fetchone()[0]
@@ -417,23 +418,29 @@ def _send_without_waiting(conn: ext.connection, query: bytes) -> bool:
 	return _libpq.send_query(pointer, query) == 1
 
 
-# A statement that may create a custom (dotted) setting: set_config() anywhere, or SET/RESET of a dotted
-# name. PostgreSQL keeps such a placeholder for the session's life: after any reset it reads '' where a
-# fresh session has none (NULL, or an error), and it is never listed (pg_settings hides placeholders), so
-# no reset can undo it nor a query find it. The return closes such a connection instead (see mark).
-_starts_with_set = re.compile(r"\s*(?:set|reset)\s", re.IGNORECASE).match  # bound: a lookup less per call
-_SET_CUSTOM = re.compile(
-	r"\s*(?:set|reset)\s+(?:(?:session|local)\s+)?\"?[A-Za-z_][\w$]*\"?\s*\.", re.IGNORECASE
+# A statement that may create a custom (dotted) setting: set_config() anywhere (any case), or SET/RESET of a
+# dotted name at the start of the string or of a later statement in it, behind comments. PostgreSQL keeps
+# such a placeholder for the session's life: after any reset it reads '' where a fresh session has none
+# (NULL, or an error), and it is never listed (pg_settings hides placeholders), so no reset can undo it nor
+# a query find it. The return closes such a connection instead (see mark). One made server-side (a
+# function's SET clause, set_config inside PL/pgSQL) is not seen.
+_SET_CUSTOM = (
+	r"\s*(?:(?:/\*.*?\*/|--[^\n]*\n)\s*)*(?:set|reset)\s+(?:(?:session|local)\s+)?\"?[A-Za-z_][\w$]*\"?\s*\."
 )
+_custom_set_at_start = re.compile(_SET_CUSTOM, re.IGNORECASE | re.DOTALL).match  # bound: run per statement
+_custom_set_later = re.compile(";" + _SET_CUSTOM, re.IGNORECASE | re.DOTALL).search
+_set_config_call = re.compile(r"set_config\s*\(", re.IGNORECASE).search
 
 
 def may_define_custom_setting(query: object) -> bool:
 	"""Whether an SQL statement may create a custom setting (cheap: run on every statement Frappe sends)."""
 	if not isinstance(query, str):
 		return False
-	if "set_config" in query or "SET_CONFIG" in query:
+	if ("onfig" in query or "ONFIG" in query) and _set_config_call(query) is not None:
 		return True
-	return _starts_with_set(query) is not None and _SET_CUSTOM.match(query) is not None
+	if _custom_set_at_start(query) is not None:
+		return True
+	return ";" in query and _custom_set_later(query) is not None
 
 
 def close_quietly(conn: ext.connection) -> None:

@@ -503,7 +503,7 @@ class ConnectionPool:
 			# Interrupted mid-reset (a job timeout, KeyboardInterrupt): the session's state is unknown,
 			# so the connection is closed, and its slot freed for the next caller.
 			if not forked:
-				close_quietly(conn)
+				record.end()  # as every end of a kept connection: pgBouncer drops its server too
 			with self._lock:
 				self._returning -= 1
 				self._budget.checkout_ended(record.thread)

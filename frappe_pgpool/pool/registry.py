@@ -382,8 +382,8 @@ def _after_fork_in_child() -> None:
 
 
 def _close_at_exit() -> None:
-	# A clean Terminate on an idle connection lets pgBouncer keep its server connection;
-	# a socket dropped by the kernel at exit looks the same to it, but not to Postgres logs.
+	# Kept connections end as plain Frappe's (ConnectionPool.close -> _Record.end): pgBouncer drops their
+	# servers; a process that exits without this (os._exit) keeps nothing (PoolRegistry.keep_nothing).
 	for reg in list(_registries):
 		if reg._pid == os.getpid():
 			reg.close_all()

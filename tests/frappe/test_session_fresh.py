@@ -193,3 +193,30 @@ def test_a_custom_setting_made_by_a_request_is_never_seen_by_the_next():
 	assert result["after"] is None
 	assert result["closed"].get("custom_setting") == 1
 	assert result["rows"][0][1] != result["rows"][1][1]  # a new session after the one that set it
+
+
+FIRST_STATEMENT = """
+import frappe
+from frappe_pgpool.pool import registry
+pids = []
+for statement in ("SELECT set_config('app.tenant_id', '7', false)", "SELECT 1"):
+	frappe.init(site=SITE)
+	frappe.local.conf.update({"db_pool_enabled": 1, "enable_db_statement_timeout": 1})
+	frappe.local.request = True  # what Frappe's timeout reads: a web request (SET LOCAL inside connect())
+	frappe.connect()
+	frappe.db.sql(statement)  # the statement that opens the connection
+	pids.append(frappe.db.sql("select pg_backend_pid()")[0][0])
+	value = frappe.db.sql("select current_setting('app.tenant_id', true)")[0][0]
+	frappe.destroy()
+out({"pids": pids, "last": value})
+"""
+
+
+def test_a_custom_setting_in_the_statement_that_connects_is_seen_under_frappes_statement_timeout():
+	"""Found by a cold review: with enable_db_statement_timeout, Frappe 15's connect() runs a nested
+	sql() (SET LOCAL statement_timeout) inside the first statement's call; the custom setting made by
+	that first statement must still close the connection on return."""
+	(result,) = run_in_bench(FIRST_STATEMENT)
+	print(f"\n{result}")
+	assert result["pids"][0] != result["pids"][1]  # closed on return, not kept
+	assert result["last"] is None  # the second request's session has no such setting
