@@ -178,11 +178,12 @@ def test_network_stall_never_blocks_a_checkout_forever(cluster, registry):
 		started = time.monotonic()
 		conn = registry.getconn(key, config, connect)
 		assert time.monotonic() - started < 0.1
-		# a second caller waits at most db_pool_timeout
+		# a second caller opens its own (db_pool_size bounds what the pool keeps), which fails within
+		# connect_timeout
 		started = time.monotonic()
 		with pytest.raises(psycopg2.OperationalError):
 			registry.getconn(key, config, connect)
-		assert time.monotonic() - started < 1.5
+		assert time.monotonic() - started < 4
 		registry.putconn(conn, discard=True)
 		# a new connection through the stalled link fails within connect_timeout
 		started = time.monotonic()
