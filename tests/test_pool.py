@@ -384,6 +384,27 @@ def test_a_numeric_budget_still_makes_a_checkout_wait_and_db_pool_size_does_not(
 	assert (stats["idle"], stats["closed"], stats["over_size"]) == (1, {"over_size": 1}, 1)
 
 
+def test_a_pool_keeps_no_more_than_its_size_when_it_was_lowered_meanwhile(bouncer):
+	"""Three out on a pool of 2 (the third not kept), the size lowered to 1: the returns keep one, close
+	the over-size one as plain Frappe's (over_size) and the kept one beyond the new size (shrunk)."""
+	pool = ConnectionPool("shrink", PoolConfig(size=2, timeout=0.2))
+	connect = frappe_like_factory(bouncer)
+	held = [pool.getconn(connect) for _ in range(3)]
+	assert pool.snapshot()["over_size"] == 1
+	pool.reconfigure(PoolConfig(size=1, timeout=0.2))
+	for conn in held:
+		pool.putconn(conn)
+	stats = pool.snapshot()
+	assert (stats["idle"], stats["size"], stats["closed"]) == (1, 1, {"over_size": 1, "shrunk": 1})
+	pool.reconfigure(PoolConfig(size=3, timeout=0.2))  # raised: kept up to 3 again, nothing closed
+	held = [pool.getconn(connect) for _ in range(4)]
+	for conn in held:
+		pool.putconn(conn)
+	stats = pool.snapshot()
+	assert (stats["idle"], stats["over_size"], stats["closed"]) == (3, 2, {"over_size": 2, "shrunk": 1})
+	pool.close()
+
+
 def test_two_sites_never_share_a_connection(bouncer, registry, config):
 	connects = {"app1": frappe_like_factory(bouncer, "app1"), "app2": frappe_like_factory(bouncer, "app2")}
 	# same credentials under two site names must not share either
