@@ -45,7 +45,8 @@ class Site:
 	address: str = ""  # host:port its processes connect to (see `address`): a pgBouncer or PostgreSQL
 	connect: Connect | None = field(default=None, compare=False, repr=False)  # with its own credentials
 	# db_pool_process_budget as its processes apply it: "auto", a whole number, or None for a
-	# frappe_pgpool without one (each pool then keeps up to min(threads, db_pool_size) on its own)
+	# frappe_pgpool without one (each pool then keeps up to min(threads, db_pool_size) on its own, and opens
+	# up to threads at once)
 	process_budget: object = None
 
 	@property
@@ -283,13 +284,17 @@ def demand(bench: Bench, sites: Sequence[Site], budget: object = None, active: b
 	"""What every process of the bench can hold at once for `sites` (each process may serve each site).
 
 	A process keeps up to min(threads, db_pool_size) connections per pooled site, at most its budget
-	across all sites; a plain Frappe site costs one connection per request in flight. `active`: only
-	connections inside a transaction (what pgBouncer's transaction mode gives a server to), one per thread.
+	across all sites; a plain Frappe site costs one connection per request in flight. Where threads exceed
+	a site's db_pool_size, the requests beyond it open connections they close at their end (not kept): at
+	worst all of a process's threads on the site that keeps fewest, beside what the others keep. `active`:
+	only connections inside a transaction (what pgBouncer's transaction mode gives a server to), one per
+	thread.
 	"""
 	held = []
 	for concurrency in (bench.threads, 1):
 		pooled = [s for s in sites if s.pooled]
-		count = sum(min(concurrency, s.config.size) for s in pooled)
+		kept = [min(concurrency, s.config.size) for s in pooled]
+		count = sum(kept) + (concurrency - min(kept) if kept else 0)
 		plain = concurrency if len(pooled) < len(sites) else 0
 		if active:
 			count = min(concurrency, count + plain)
@@ -1034,6 +1039,7 @@ def examine(
 		findings += _check_bouncer(bench, b, sites)
 	server_checked, server_findings = _check_servers(bench, read, set(bouncers or {}), postgres, timeout)
 	findings += _budget_consistency(bench)
+	findings += _threads_above_size(bench)
 	return [Finding("ok", "checked", text) for text in checked + server_checked] + findings + server_findings
 
 
@@ -1060,6 +1066,36 @@ def _budget_consistency(bench: Bench) -> list[Finding]:
 			f"the sites disagree on db_pool_process_budget ({shown}): it is process-wide, so every process "
 			"switches budgets with the site of each request",
 			"set it once in common_site_config.json and remove it from the sites' site_config.json",
+		)
+	]
+
+
+def _threads_above_size(bench: Bench) -> list[Finding]:
+	"""db_pool_size is the most connections a process keeps per site, not the most it opens: a web worker
+	with more threads than that serves the requests beyond it (those running at once for one site) with
+	connections opened and closed per request, as plain Frappe serves them: never a wait, but a login each."""
+	pooled = [s for s in bench.sites if s.pooled]
+	below = [s for s in pooled if s.config.size < bench.threads]
+	if not below:
+		if pooled and bench.threads > 1:
+			return [
+				Finding(
+					"ok",
+					"db_pool_size",
+					f"{_names(pooled)}: db_pool_size at least the {bench.threads} threads per web worker",
+				)
+			]
+		return []
+	sizes = "/".join(str(size) for size in sorted({s.config.size for s in below}))
+	return [
+		Finding(
+			"warn",
+			"db_pool_size",
+			f"{_names(below)}: db_pool_size={sizes} is below the {bench.threads} threads per web worker: the "
+			"requests a worker runs at once for one site beyond it are served by connections opened and "
+			"closed per request, as plain Frappe serves them (a login each, no wait)",
+			f"set db_pool_size to {bench.threads} (common_site_config.json, or each site's site_config.json), "
+			"within pgBouncer's pool size (see pool size)",
 		)
 	]
 

@@ -242,13 +242,24 @@ def render_table(items: Iterable[dict]) -> str:
 _METRICS = (
 	# (name, type, help, field or None for special handling)
 	("frappe_pgpool_connections", "gauge", "Connections held by the pool, by state.", None),
-	("frappe_pgpool_max_size", "gauge", "db_pool_size: most connections this pool may hold.", "max_size"),
+	(
+		"frappe_pgpool_max_size",
+		"gauge",
+		"db_pool_size: most connections this pool keeps (it may open more, closed on return).",
+		"max_size",
+	),
 	("frappe_pgpool_waiting", "gauge", "Checkouts waiting for a free connection.", "waiting"),
 	("frappe_pgpool_checkouts_total", "counter", "Connections handed out.", "checkouts"),
 	("frappe_pgpool_connections_created_total", "counter", "Connections opened (logins).", "created"),
 	("frappe_pgpool_connections_closed_total", "counter", "Connections closed, by reason.", None),
 	("frappe_pgpool_hits_total", "counter", "Checkouts served by an idle pooled connection.", "hits"),
 	("frappe_pgpool_misses_total", "counter", "Checkouts that had to open a connection.", "misses"),
+	(
+		"frappe_pgpool_over_size_total",
+		"counter",
+		"Connections opened while the pool kept db_pool_size: closed on return, as plain Frappe's.",
+		"over_size",
+	),
 	("frappe_pgpool_evictions_total", "counter", "Idle connections evicted, by reason.", None),
 	(
 		"frappe_pgpool_reuse_rate",

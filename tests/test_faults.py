@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolKey, PoolRegistry
+from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolKey, PoolRegistry, ProcessBudget
 from frappe_pgpool.testing.cluster import PgBouncer
 
 from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
@@ -105,7 +105,7 @@ def test_leak_warning_names_where_the_connection_was_taken(bouncer, caplog):
 
 
 def test_waiters_are_served_in_arrival_order(bouncer):
-	pool = ConnectionPool("fifo", PoolConfig(size=1, timeout=10))
+	pool = ConnectionPool("fifo", PoolConfig(size=1, timeout=10), budget=ProcessBudget(setting=1))
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
 	order: list[int] = []
@@ -144,10 +144,19 @@ def test_no_password_in_errors_logs_or_stats(cluster, bouncer, caplog):
 		with pytest.raises(psycopg2.OperationalError) as raised:
 			registry.getconn(key, config, wrong_password)
 		texts.append(str(raised.value))
-		conn = registry.getconn(key, config, frappe_like_factory(bouncer))
-		with pytest.raises(psycopg2.OperationalError) as raised:
-			registry.getconn(key, config, frappe_like_factory(bouncer))  # exhausted
-		texts.append(str(raised.value))
+		conn = registry.getconn(key, config, frappe_like_factory(bouncer), 1)
+		failed: list[BaseException] = []
+
+		def exhausted() -> None:  # another thread: one holding a checkout never waits (an overdraft)
+			try:
+				registry.getconn(key, config, frappe_like_factory(bouncer))
+			except psycopg2.OperationalError as e:
+				failed.append(e)
+
+		other = threading.Thread(target=exhausted)
+		other.start()
+		other.join(5)
+		texts.append(str(failed[0]))
 		time.sleep(0.02)
 		registry.putconn(conn)
 		texts += [str(registry.pool(key, config).snapshot())]

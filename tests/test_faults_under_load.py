@@ -93,7 +93,10 @@ FAULTS = [
 @pytest.mark.parametrize("fault", FAULTS)
 def test_no_request_fails_once_the_server_is_back(cluster, registry, fault, capsys):
 	# A short max_lifetime lets pgBouncer's safe shutdown (SIGINT waits for clients to leave) drain.
-	config = PoolConfig(size=3, timeout=5, max_lifetime=2)
+	# As many kept as threads: below that, a thread logs in at every request (over db_pool_size, as plain
+	# Frappe does), and pgBouncer 1.18 sometimes crashes when KILL meets a client logging in
+	# (pgbouncer/pgbouncer#1401): a pgBouncer bug plain Frappe meets too, not what this test measures.
+	config = PoolConfig(size=4, timeout=5, max_lifetime=2)
 	with (
 		PgBouncer(cluster, users=USERS) as bouncer,
 		Load(registry, bouncer, f"load-{fault}", config=config) as load,
@@ -178,11 +181,12 @@ def test_network_stall_never_blocks_a_checkout_forever(cluster, registry):
 		started = time.monotonic()
 		conn = registry.getconn(key, config, connect)
 		assert time.monotonic() - started < 0.1
-		# a second caller waits at most db_pool_timeout
+		# a second caller opens its own (db_pool_size bounds what the pool keeps), which fails within
+		# connect_timeout
 		started = time.monotonic()
 		with pytest.raises(psycopg2.OperationalError):
 			registry.getconn(key, config, connect)
-		assert time.monotonic() - started < 1.5
+		assert time.monotonic() - started < 4
 		registry.putconn(conn, discard=True)
 		# a new connection through the stalled link fails within connect_timeout
 		started = time.monotonic()

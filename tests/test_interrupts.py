@@ -18,7 +18,7 @@ import time
 import pytest
 
 from frappe_pgpool import frappe_layer
-from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolRegistry
+from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolRegistry, ProcessBudget
 
 from .conftest import backend_pid, frappe_like_factory, key_for
 
@@ -148,9 +148,15 @@ def test_finalizer_queued_while_the_process_is_quiet_is_drained_by_the_reaper(bo
 
 @pytest.mark.parametrize("discard", [False, True], ids=["returned", "discarded"])
 def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
-	pool = ConnectionPool("site ghost.local", PoolConfig(size=1, timeout=5))
+	# callers wait only for the process budget; the one held by another thread (a thread holding a
+	# checkout never waits: an overdraft), as SIGALRM reaches the main thread only
+	pool = ConnectionPool("site ghost.local", PoolConfig(size=1, timeout=5), budget=ProcessBudget(setting=1))
 	connect = frappe_like_factory(bouncer)
-	held = pool.getconn(connect)
+	got: list = []
+	holder = threading.Thread(target=lambda: got.append(pool.getconn(connect)))
+	holder.start()
+	holder.join(5)
+	(held,) = got
 	started = time.monotonic()
 	with alarm(0.2), pytest.raises(JobTimeout):
 		pool.getconn(connect)
@@ -170,7 +176,9 @@ def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
 def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, discard):
 	"""The exception reaches the waiter just as it is woken by the hand-off: the connection (or the
 	slot to open one) it was given must not be lost with it."""
-	pool = ConnectionPool("site handoff.local", PoolConfig(size=1, timeout=5))
+	pool = ConnectionPool(
+		"site handoff.local", PoolConfig(size=1, timeout=5), budget=ProcessBudget(setting=1)
+	)
 	connect = frappe_like_factory(bouncer)
 	held = pool.getconn(connect)
 	pid = backend_pid(held)
@@ -224,7 +232,11 @@ def test_an_interruption_during_the_reset_frees_the_slot(bouncer, exc):
 
 
 def test_leak_warning_after_a_hand_off_shows_the_takers_stack(bouncer, caplog):
-	pool = ConnectionPool("site handoff-leak.local", PoolConfig(size=2, timeout=5, leak_warning=0.2))
+	pool = ConnectionPool(
+		"site handoff-leak.local",
+		PoolConfig(size=2, timeout=5, leak_warning=0.2),
+		budget=ProcessBudget(setting=2),
+	)
 	connect = frappe_like_factory(bouncer)
 	first, second = pool.getconn(connect), pool.getconn(connect)
 	got = []

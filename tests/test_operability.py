@@ -191,6 +191,23 @@ def test_doctor_passes_a_bench_sized_right(cluster):
 	assert "max_connections=300 - superuser_reserved_connections=3 = 297" in found["max_connections"].message
 
 
+def test_doctor_warns_when_a_workers_threads_exceed_db_pool_size(cluster):
+	"""db_pool_size is what a process keeps per site (issue 23): a web worker with more threads serves the
+	requests beyond it with connections opened and closed per request, as plain Frappe. Doctor says so, and
+	counts those connections in what the bench can hold at once."""
+	settings = dict(default_pool_size=20, max_client_conn=100, client_idle_timeout=0, server_lifetime=3600)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		bench = bench_of(behind(bouncer, pool_config(size=2)), web=4, threads=4, jobs=3)
+		found = by_check(examine(bouncer, bench))
+	size = found["db_pool_size"]
+	assert size.level == "warn" and "db_pool_size=2 is below the 4 threads per web worker" in size.message
+	assert "opened and closed per request, as plain Frappe" in size.message
+	assert "set db_pool_size to 4" in size.fix
+	# a worker's 4 threads may all run on the site at once: as many clients as with db_pool_size 4
+	assert "4 web x 4 + 3 job x 1 = 19" in found["max_client_conn"].message
+	assert {f.level for check, f in found.items() if check != "db_pool_size"} == {"ok"}, found
+
+
 def test_doctor_finds_each_misconfiguration(cluster):
 	settings = dict(
 		pool_mode="transaction",

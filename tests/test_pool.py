@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions as ext
 import pytest
 
-from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolTimeout
+from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolTimeout, ProcessBudget
 
 from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
 
@@ -179,17 +179,31 @@ def test_discard_or_unknown_state_is_never_reused(bouncer, registry, config):
 
 
 def test_exhaustion_waits_then_raises_a_clear_error(bouncer, config):
-	pool = ConnectionPool("site exhausted.local (app1@127.0.0.1/app1)", PoolConfig(size=2, timeout=0.3))
+	"""Only the process budget makes a checkout wait (db_pool_size bounds what a pool keeps)."""
+	pool = ConnectionPool(
+		"site exhausted.local (app1@127.0.0.1/app1)",
+		PoolConfig(size=2, timeout=0.3),
+		budget=ProcessBudget(setting=2),
+	)
 	connect = frappe_like_factory(bouncer)
 	held = [pool.getconn(connect), pool.getconn(connect)]
-	started = time.monotonic()
-	with pytest.raises(PoolTimeout) as raised:
-		pool.getconn(connect)
-	waited = time.monotonic() - started
+	outcome: list[object] = []
+
+	def other_request() -> None:  # another thread: one holding a checkout never waits (an overdraft)
+		started = time.monotonic()
+		try:
+			pool.getconn(connect)
+		except PoolTimeout as e:
+			outcome.extend([e, time.monotonic() - started])
+
+	thread = threading.Thread(target=other_request)
+	thread.start()
+	thread.join(5)
+	raised, waited = outcome
 	assert 0.25 <= waited < 2
-	message = str(raised.value)
-	assert "exhausted.local" in message and "db_pool_size=2" in message and "2 in use" in message
-	assert isinstance(raised.value, psycopg2.OperationalError)
+	message = str(raised)
+	assert "exhausted.local" in message and "db_pool_process_budget=2" in message and "2 in use" in message
+	assert isinstance(raised, psycopg2.OperationalError)
 	for conn in held:
 		pool.putconn(conn)
 	assert pool.snapshot()["timeouts"] == 1
@@ -197,7 +211,7 @@ def test_exhaustion_waits_then_raises_a_clear_error(bouncer, config):
 
 
 def test_a_returned_connection_goes_to_the_waiter_first(bouncer):
-	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=5))
+	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=5), budget=ProcessBudget(setting=1))
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
 	got: list[ext.connection] = []
@@ -215,21 +229,23 @@ def test_a_returned_connection_goes_to_the_waiter_first(bouncer):
 	pool.close()
 
 
-def test_many_threads_never_exceed_the_pool_size(bouncer, cluster):
+def test_many_threads_never_make_the_pool_keep_more_than_its_size(bouncer, cluster):
+	"""8 threads on a pool of size 3: none waits for the pool (db_pool_size bounds what it keeps); the
+	connections opened beyond the 3 it keeps are closed on return, as plain Frappe closes them."""
 	pool = ConnectionPool("threads", PoolConfig(size=3, timeout=10))
 	connect = frappe_like_factory(bouncer, user="app2")
 	errors: list[BaseException] = []
-	peak = [0]
+	most_idle = [0]
 	lock = threading.Lock()
 
 	def worker():
 		try:
 			for _ in range(50):
 				conn = pool.getconn(connect)
-				with lock:
-					peak[0] = max(peak[0], pool.snapshot()["in_use"])
 				unit_of_work(conn, "SELECT pg_sleep(0.001)")
 				pool.putconn(conn)
+				with lock:
+					most_idle[0] = max(most_idle[0], pool.snapshot()["idle"])
 		except BaseException as e:
 			errors.append(e)
 
@@ -240,8 +256,152 @@ def test_many_threads_never_exceed_the_pool_size(bouncer, cluster):
 		t.join(60)
 	assert not errors
 	stats = pool.snapshot()
-	assert peak[0] <= 3 and stats["created"] <= 3 and stats["in_use"] == 0
-	assert stats["checkouts"] == 400
+	assert (
+		most_idle[0] <= 3 and stats["idle"] <= 3 and stats["size"] == stats["idle"] and stats["in_use"] == 0
+	)
+	assert stats["checkouts"] == 400 and (stats["waits"], stats["timeouts"]) == (0, 0)
+	# every connection opened beyond those kept was opened not to be kept, and closed on return
+	assert set(stats["closed"]) <= {"over_size"}
+	assert (
+		stats["created"] - stats["over_size"] <= 3
+		and stats["closed"].get("over_size", 0) == stats["over_size"]
+	)
+	pool.close()
+
+
+def test_a_pool_at_size_opens_a_connection_it_does_not_keep_instead_of_waiting(bouncer, registry):
+	"""db_pool_size bounds what a pool keeps, not what it may open (issue 23): a gthread worker with more
+	threads than db_pool_size serves the extra concurrent requests as plain Frappe does, with a connection
+	opened for the request and closed at its end, never a wait for its own pool."""
+	from frappe_pgpool.pool import opening_to_keep
+
+	config = PoolConfig(enabled=True, size=2, timeout=0.2)  # a wait for the pool fails fast
+	key = key_for(bouncer=bouncer, site="over-size.local")
+	factory = frappe_like_factory(bouncer)
+	kept: list[bool] = []
+
+	def connect() -> ext.connection:
+		kept.append(opening_to_keep())
+		return factory()
+
+	together = threading.Barrier(4)  # three requests holding a connection each, and this thread
+	release = threading.Event()
+	got: list[ext.connection] = []
+	errors: list[BaseException] = []
+
+	def request() -> None:
+		try:
+			conn = registry.getconn(key, config, connect)
+			got.append(conn)
+			backend_pid(conn)
+			together.wait(10)
+			release.wait(10)
+			registry.putconn(conn)
+		except BaseException as e:
+			errors.append(e)
+			together.abort()
+
+	threads = [threading.Thread(target=request) for _ in range(3)]
+	for t in threads:
+		t.start()
+	try:
+		together.wait(10)  # all three hold one at once: the third did not wait for the first two
+		during = registry.pool(key, config).snapshot()
+	except threading.BrokenBarrierError:
+		during = None
+	finally:
+		release.set()
+		for t in threads:
+			t.join(10)
+	assert not errors, errors
+	assert (during["in_use"], during["waiting"], during["over_size"]) == (3, 0, 1)
+	assert sorted(kept) == [False, True, True]  # the third was opened not to be kept
+	stats = registry.pool(key, config).snapshot()
+	assert (stats["idle"], stats["in_use"], stats["size"], stats["created"]) == (2, 0, 2, 3)
+	assert stats["closed"] == {"over_size": 1} and sum(c.closed for c in got) == 1
+	assert (stats["waits"], stats["timeouts"]) == (0, 0)
+	assert registry.snapshot()["open"] == 2
+
+
+@pytest.mark.parametrize("budget", ["auto", 1])
+def test_a_nested_checkout_never_waits_for_its_own_thread(bouncer, registry, budget):
+	"""A request holding its pool's only connection (db_pool_size 1) that checks out again (a nested
+	checkout) would wait for a connection only it can give back: it opens one as plain Frappe would, not
+	kept; with a numeric budget too (an overdraft), and the process is back within both when it returns."""
+	config = PoolConfig(enabled=True, size=1, timeout=0.2)
+	key = key_for(bouncer=bouncer, site="nested-size.local")
+	connect = frappe_like_factory(bouncer)
+	outer = registry.getconn(key, config, connect, budget)
+	inner = registry.getconn(key, config, connect, budget)
+	assert inner is not outer and backend_pid(inner) != backend_pid(outer)
+	registry.putconn(inner)
+	registry.putconn(outer)
+	assert inner.closed and not outer.closed
+	stats = registry.pool(key, config).snapshot()
+	assert (stats["idle"], stats["in_use"], stats["closed"], stats["timeouts"]) == (1, 0, {"over_size": 1}, 0)
+	snap = registry.snapshot()
+	assert (snap["open"], snap["budget_overdrafts"]) == (1, 0 if budget == "auto" else 1)
+
+
+def test_a_numeric_budget_still_makes_a_checkout_wait_and_db_pool_size_does_not(bouncer, registry):
+	"""db_pool_size 1 and db_pool_process_budget 2: a second request opens a connection the pool does not
+	keep; a third, from another thread, waits for the budget (and fails with its message after
+	db_pool_timeout), never for the pool."""
+	config = PoolConfig(enabled=True, size=1, timeout=0.3)
+	key = key_for(bouncer=bouncer, site="budget-not-size.local")
+	connect = frappe_like_factory(bouncer)
+	holding = threading.Barrier(3)
+	release = threading.Event()
+	errors: list[BaseException] = []
+
+	def request() -> None:
+		try:
+			conn = registry.getconn(key, config, connect, 2)
+			holding.wait(10)
+			release.wait(10)
+			registry.putconn(conn)
+		except BaseException as e:
+			errors.append(e)
+			holding.abort()
+
+	threads = [threading.Thread(target=request) for _ in range(2)]
+	for t in threads:
+		t.start()
+	try:
+		holding.wait(10)  # two held at once, on a pool of size 1
+		with pytest.raises(PoolTimeout) as raised:
+			registry.getconn(key, config, connect, 2)
+	except threading.BrokenBarrierError:
+		pass  # a request failed: shown below
+	finally:
+		release.set()
+		for t in threads:
+			t.join(10)
+	assert not errors, errors
+	assert "db_pool_process_budget=2" in str(raised.value) and "db_pool_size" not in str(raised.value)
+	stats = registry.pool(key, config).snapshot()
+	assert (stats["budget_waits"], stats["budget_timeouts"], stats["timeouts"]) == (1, 1, 1)
+	assert (stats["idle"], stats["closed"], stats["over_size"]) == (1, {"over_size": 1}, 1)
+
+
+def test_a_pool_keeps_no_more_than_its_size_when_it_was_lowered_meanwhile(bouncer):
+	"""Three out on a pool of 2 (the third not kept), the size lowered to 1: the returns keep one, close
+	the over-size one as plain Frappe's (over_size) and the kept one beyond the new size (shrunk)."""
+	pool = ConnectionPool("shrink", PoolConfig(size=2, timeout=0.2))
+	connect = frappe_like_factory(bouncer)
+	held = [pool.getconn(connect) for _ in range(3)]
+	assert pool.snapshot()["over_size"] == 1
+	pool.reconfigure(PoolConfig(size=1, timeout=0.2))
+	for conn in held:
+		pool.putconn(conn)
+	stats = pool.snapshot()
+	assert (stats["idle"], stats["size"], stats["closed"]) == (1, 1, {"over_size": 1, "shrunk": 1})
+	pool.reconfigure(PoolConfig(size=3, timeout=0.2))  # raised: kept up to 3 again, nothing closed
+	held = [pool.getconn(connect) for _ in range(4)]
+	for conn in held:
+		pool.putconn(conn)
+	stats = pool.snapshot()
+	assert (stats["idle"], stats["over_size"], stats["closed"]) == (3, 2, {"over_size": 2, "shrunk": 1})
 	pool.close()
 
 

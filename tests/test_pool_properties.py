@@ -59,11 +59,9 @@ class PoolMachine(RuleBasedStateMachine):
 		self.most_held = max(self.most_held, len(self.held) + 1)  # this checkout runs alongside them
 		try:
 			conn = self.registry.getconn(self.keys[site], self.config(), self.connects[site], budget)
-		except PoolTimeout as e:
-			if "db_pool_process_budget" in str(e):
-				assert self.budget is not None and len(self.held) >= self.budget
-			else:
-				assert sum(1 for s, _ in self.held if s == site) >= self.size
+		except PoolTimeout as e:  # only the budget makes a checkout wait, never db_pool_size
+			assert "db_pool_process_budget" in str(e)
+			assert self.budget is not None and len(self.held) >= self.budget
 			return
 		assert self.owner.setdefault(id(conn), site) == site
 		self.every_conn.append(conn)  # keeps ids unique: a freed object's id could be reused

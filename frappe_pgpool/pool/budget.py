@@ -229,11 +229,6 @@ class ProcessBudget:
 		limit = self.limit()
 		return limit is not None and self.open > limit
 
-	def blocks(self, waiter: _Waiter) -> bool:
-		"""True when the waiter waits for the budget, not for its own pool's db_pool_size."""
-		pool = waiter.pool
-		return pool._total() < pool.config.size and not self.has_room()
-
 	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, _Record] | None:
 		"""The idle connection to evict, of any pool but `exclude`, with its pool: a spare (a pool's older idle
 		connection), else that of the pool least used lately; among equals the least recently returned."""
@@ -263,15 +258,13 @@ class ProcessBudget:
 	def dispatch(self) -> None:
 		"""Serve queued callers, in arrival order, with the slots free now.
 
-		A caller waiting for its own pool's db_pool_size is skipped (its pool's returns serve it);
-		one that needs a slot of the budget gets a fresh one if there is room, else the coldest
-		idle connection of another pool (coldest_idle) is evicted for it. Idle connections of a caller's own pool
-		are never left for this: a returned connection goes to its pool's waiters first (_check_in).
+		Callers wait only for the budget: a pool's db_pool_size bounds what it keeps, not what it opens (one
+		opened over it is not kept). A caller gets a fresh slot if there is room, else the coldest idle
+		connection of another pool (coldest_idle) is evicted for it. Idle connections of a caller's own pool
+		are never left for this: a returned connection goes to the first waiter, of its pool or not (_check_in).
 		"""
 		for waiter in list(self.waiters):
 			pool = waiter.pool
-			if pool._total() >= pool.config.size:
-				continue
 			if self.has_room():
 				self.open += 1
 				pool._grant_slot_to(waiter, None)

@@ -35,10 +35,13 @@ class PoolConfig:
 	"""Settings of one pool; site_config keys are `db_pool_<field>`."""
 
 	enabled: bool = False  # install-app sets db_pool_enabled=1 for its site
-	# Upper bound per worker process and site; connections are opened lazily, so a sync worker
-	# holds one. Keep size x processes x sites under pgBouncer's default_pool_size.
+	# Most connections kept per worker process and site, not a bound on what it opens: a checkout that
+	# finds the pool keeping that many, all in use, opens one all the same, closed on return as plain
+	# Frappe closes it (closed reason "over_size"); nothing but db_pool_process_budget makes it wait.
+	# Opened lazily, so a sync worker keeps one; set it to at least a gthread worker's threads. Keep
+	# size x processes x sites under pgBouncer's default_pool_size.
 	size: int = 8
-	# Seconds a checkout waits for a free connection before PoolTimeout.
+	# Seconds a checkout waits for the process budget (a numeric db_pool_process_budget) before PoolTimeout.
 	timeout: float = 10.0
 	# Seconds a connection lives at most (minus up to 10% jitter). In session mode pgBouncer's PAUSE,
 	# RECONNECT and safe shutdown (SIGINT) wait until every client leaves: this bounds that wait for

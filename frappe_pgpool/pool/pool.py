@@ -56,9 +56,10 @@ _connecting = threading.local()
 def opening_to_keep() -> bool:
 	"""For a connect callable: whether the pool means to keep the connection being opened in this thread.
 
-	False when the reuse gate is shut (budget.REUSE_MIN_RATE): the connection is closed on return as plain
-	Frappe closes it, so whatever only a kept connection needs (the Frappe layer's application_name) can be
-	left out. True outside a connect callable.
+	False when the reuse gate is shut (budget.REUSE_MIN_RATE), or when the pool keeps db_pool_size
+	connections already: the connection is closed on return as plain Frappe closes it, so whatever only a
+	kept connection needs (the Frappe layer's application_name) can be left out. True outside a connect
+	callable.
 	"""
 	return getattr(_connecting, "keep", True)
 
@@ -68,8 +69,8 @@ class _Record:
 	"""One physical connection and its bookkeeping (SQLAlchemy's _ConnectionRecord)."""
 
 	conn: ext.connection
-	# None: opened while keeping did not pay (see budget.REUSE_MIN_RATE); it is closed on return as
-	# plain Frappe closes it, so nothing a reset would need is recorded (the miss costs no more).
+	# None: opened while keeping did not pay (see budget.REUSE_MIN_RATE), or over db_pool_size; it is closed
+	# on return as plain Frappe closes it, so nothing a reset would need is recorded (the miss costs no more).
 	defaults: SessionDefaults | None
 	poller: select.poll | None
 	created_at: float
@@ -79,6 +80,7 @@ class _Record:
 	checkout_stack: str | None = None
 	leak_reported: bool = False
 	thread: int = 0  # ident of the thread whose checkout holds it (the budget counts per thread)
+	over_size: bool = False  # opened while its pool kept db_pool_size connections: not kept (defaults None)
 	retire: str | None = None  # set by mark(): closed on return for this reason instead of reset
 
 	def end(self, _conn: ext.connection | None = None) -> None:
@@ -95,6 +97,7 @@ class _Waiter:
 	record: _Record | None = None
 	may_connect: bool = False
 	evict: _Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
+	over_size: bool = False  # with may_connect: its pool keeps db_pool_size already, so it opens one not kept
 	error: BaseException | None = None
 	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
 	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
@@ -106,6 +109,7 @@ class PoolStats:
 	checkouts: int = 0
 	hits: int = 0  # checkouts served by an open connection of this pool (idle, or handed over on return)
 	misses: int = 0  # checkouts served by a new connection; checkouts = hits + misses
+	over_size: int = 0  # misses opened while the pool kept db_pool_size connections: closed on return
 	returns: int = 0
 	created: int = 0
 	closed: Counter[str] = field(default_factory=Counter)
@@ -140,6 +144,7 @@ class ConnectionPool:
 		self._idle: list[_Record] = []  # most recently returned last: LIFO keeps few connections warm
 		self._in_use: dict[int, _Record] = {}
 		self._opening = 0  # slots reserved by callers that are connecting right now
+		self._opening_over = 0  # ... of which over db_pool_size: not to be kept
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
 		# would-hit of this pool's last checkouts, kept by the budget: its own reuse gate (budget.py)
@@ -150,11 +155,13 @@ class ConnectionPool:
 	# -- checkout ---------------------------------------------------------------------------
 
 	def getconn(self, connect: Connect, timeout: float | None = None) -> ext.connection:
-		"""Return an idle connection (no round trip), open one if below size and budget, or wait for one."""
+		"""Return an idle connection (no round trip), else open one within the process budget, or wait for
+		the budget. db_pool_size bounds what the pool keeps, not what it opens: a checkout that finds the pool
+		keeping that many opens one all the same, not kept (closed on return, as plain Frappe closes it)."""
 		timeout = self.config.timeout if timeout is None else timeout
 		budget = self._budget
 		thread = threading.get_ident()
-		started = nested = False
+		started = nested = over = False
 		waiter = record = conn = None
 		try:
 			stale: list[tuple[_Record, str]] = []
@@ -174,18 +181,18 @@ class ConnectionPool:
 						break
 					if stale:
 						continue
-					if not budget.waiters and budget.has_room() and self._total() < self.config.size:
-						# nobody queued and room under both bounds: a slot at once, as dispatch would grant
-						# a lone waiter (the miss path of every request whose connection is not kept)
+					if not budget.waiters and budget.has_room():
+						# nobody queued and room in the budget: a slot at once, as dispatch would grant a
+						# lone waiter (the miss path of every request whose connection is not kept)
 						budget.open += 1
-						self._opening += 1
+						over = self._reserve()
 						break
 					# Nothing idle here: queue, in arrival order across pools, and let the budget serve the
 					# queue; it may grant this caller a slot at once (then it does not wait).
 					waiter = _Waiter(self)
 					budget.waiters.append(waiter)
 					budget.dispatch()
-					if not waiter.may_connect and nested and budget.blocks(waiter):
+					if not waiter.may_connect and nested:
 						# this thread holds a checkout already: it would wait for itself. Over the
 						# budget instead, as plain Frappe would open a second connection.
 						budget.open += 1
@@ -193,7 +200,7 @@ class ConnectionPool:
 						self._grant_slot_to(waiter, None)
 					if waiter.may_connect:
 						waiter.done = True
-					elif budget.blocks(waiter):
+					else:  # the only thing a checkout waits for: the budget (see dispatch)
 						self.stats.budget_waits += 1
 						budget.waits += 1
 					break
@@ -201,11 +208,14 @@ class ConnectionPool:
 				conn = record.conn
 				self._close_records(stale)
 			elif waiter is None:
-				conn = self._open(connect)
+				conn = self._open(connect, over)
 			else:
 				if not waiter.done:
 					record = self._wait(waiter, timeout)
-				conn = record.conn if record is not None else self._open_in_slot(connect, waiter.evict)
+				if record is not None:
+					conn = record.conn
+				else:
+					conn = self._open_in_slot(connect, waiter.evict, waiter.over_size)
 			held = self._in_use.get(id(conn))
 			if held is not None:
 				held.thread = thread
@@ -233,7 +243,7 @@ class ConnectionPool:
 					budget.checkout_ended(thread)
 			raise
 
-	def _open_in_slot(self, connect: Connect, evict: _Record | None) -> ext.connection:
+	def _open_in_slot(self, connect: Connect, evict: _Record | None, over: bool) -> ext.connection:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
 		if evict is not None:
 			try:
@@ -241,9 +251,10 @@ class ConnectionPool:
 			except BaseException:
 				with self._lock:
 					self._opening -= 1
+					self._opening_over -= over
 					self._released()
 				raise
-		return self._open(connect)
+		return self._open(connect, over)
 
 	def _note_taker(self, conn: ext.connection) -> None:
 		"""Record the stack of the caller that now holds conn, for the leak warning.
@@ -319,18 +330,9 @@ class ConnectionPool:
 					return waiter.record  # already handed out (or a slot reserved) by the waker
 				budget.waiters.remove(waiter)
 				self.stats.timeouts += 1
-				if budget.blocks(waiter):
-					self.stats.budget_timeouts += 1
-					budget.timeouts += 1
-					message = self._budget_timeout_message(timeout)
-				else:
-					waiting = sum(1 for w in budget.waiters if w.pool is self)
-					message = (
-						f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s "
-						f"(db_pool_size={self.config.size}: {len(self._in_use)} in use, {waiting} other requests "
-						"waiting). Raise db_pool_size and db_pool_timeout within pgBouncer's default_pool_size, "
-						"or find what holds connections (db_pool_leak_warning)."
-					)
+				self.stats.budget_timeouts += 1  # what it waited for: nothing else makes a checkout wait
+				budget.timeouts += 1
+				message = self._budget_timeout_message(timeout)
 		except BaseException:
 			# Raised into the waiting thread (RQ's job timeout from SIGALRM, KeyboardInterrupt) or
 			# the pool's own error: a waiter that gives up must not keep its place or what it got.
@@ -371,6 +373,7 @@ class ConnectionPool:
 			elif waiter.may_connect:  # a slot was reserved for it to open a connection in
 				waiter.may_connect = False
 				self._opening -= 1
+				self._opening_over -= waiter.over_size
 				# an idle connection evicted for it is closed all the same; its slot is freed after that
 				record, waiter.evict = waiter.evict, None
 				if record is None:
@@ -385,10 +388,11 @@ class ConnectionPool:
 		# closed or shrunk meanwhile): ended as putconn ends it
 		self._close_and_release(record.conn, record.end)
 
-	def _open(self, connect: Connect) -> ext.connection:
-		"""Open a connection in a slot already reserved by the caller."""
+	def _open(self, connect: Connect, over: bool = False) -> ext.connection:
+		"""Open a connection in a slot already reserved by the caller; `over`: over db_pool_size, not kept."""
 		try:
-			keeping = self._budget.reuse_pays(self)  # read without the lock: a stale answer costs a close
+			# the gate is read without the lock: a stale answer costs a close
+			keeping = not over and self._budget.reuse_pays(self)
 			outer = opening_to_keep()  # a connect callable that itself opens a pooled connection
 			_connecting.keep = keeping
 			try:
@@ -402,16 +406,19 @@ class ConnectionPool:
 		except BaseException:
 			with self._lock:
 				self._opening -= 1
+				self._opening_over -= over
 				self.stats.connect_errors += 1
 				self._released()
 			raise
 		now = self._clock()
 		# one not kept is closed on return whatever its age: no lifetime to draw
 		expires_at = self._expiry(now) if keeping else math.inf
-		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires_at)
+		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires_at, over_size=over)
 		with self._lock:
 			self._opening -= 1
+			self._opening_over -= over
 			self.stats.created += 1
+			self.stats.over_size += over
 			if self._closed:
 				self.stats.closed["pool_closed"] += 1
 				closed = True
@@ -460,7 +467,9 @@ class ConnectionPool:
 				# Opened while keeping did not pay: closed whatever the gate says now, as plain Frappe closes
 				# it (no rollback, no reset). Decided here without I/O, so one lock section less than a
 				# kept connection's return: this is the path of every request whose site would not hit.
-				reason = self._retire_reason(record, discard) or "not_reused"
+				reason = self._retire_reason(record, discard) or (
+					"over_size" if record.over_size else "not_reused"
+				)
 				budget.checkout_ended(record.thread)
 				self._count_closed(reason)
 			else:
@@ -568,11 +577,12 @@ class ConnectionPool:
 	def _check_in(self, record: _Record) -> str | None:
 		"""A clean connection is free: serve the first waiter it can, or keep it idle. Under the lock.
 
-		In arrival order: a waiter of this pool gets it (a hit), a waiter of another pool that waits for
-		the process budget gets its slot (this connection is evicted for it). Returns why it must be
-		closed instead: the process is over its budget (a nested checkout's overdraft coming back, or the
-		budget was lowered), checked first, so that no waiter inherits the excess; or the pool was closed
-		or shrunk while it was out.
+		Every waiter waits for the process budget (see dispatch); the first to arrive is served: a waiter of
+		this pool gets it (a hit), one of another pool gets its slot (this connection is evicted for it).
+		Returns why it must be closed instead: the process is over its budget (a nested checkout's overdraft
+		coming back, or the budget was lowered), checked first, so that no waiter inherits the excess; or
+		the pool was closed, or keeps db_pool_size connections without it (the size was lowered while it
+		was out).
 		"""
 		budget = self._budget
 		if budget.over_limit():
@@ -580,19 +590,18 @@ class ConnectionPool:
 			budget.evictions += 1
 			return "budget"
 		if budget.waiters and not self._closed:
-			for waiter in budget.waiters:
-				if waiter.pool is self:
-					budget.waiters.remove(waiter)
-					self._hand_out(record)
-					self.stats.hits += 1
-					waiter.record = record
-					waiter.event.set()
-					return None
-				if budget.blocks(waiter):
-					self._count_eviction()
-					waiter.pool._grant_slot_to(waiter, record)
-					return None
-		if not self._closed and self._total() < self.config.size:
+			waiter = budget.waiters[0]
+			if waiter.pool is self:
+				budget.waiters.remove(waiter)
+				self._hand_out(record)
+				self.stats.hits += 1
+				waiter.record = record
+				waiter.event.set()
+			else:
+				self._count_eviction()
+				waiter.pool._grant_slot_to(waiter, record)
+			return None
+		if not self._closed and self._kept() < self.config.size:
 			self._idle.append(record)
 			return None
 		return "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
@@ -600,7 +609,7 @@ class ConnectionPool:
 	def _grant_slot_to(self, waiter: _Waiter, evict: _Record | None) -> None:
 		"""Let a queued caller of this pool open a connection (its budget slot is counted). Under the lock."""
 		self._budget.waiters.remove(waiter)
-		self._opening += 1
+		waiter.over_size = self._reserve()
 		waiter.may_connect = True
 		waiter.evict = evict
 		waiter.event.set()
@@ -616,8 +625,22 @@ class ConnectionPool:
 		self._budget.open -= n
 		self._budget.dispatch()
 
+	def _reserve(self) -> bool:
+		"""Count a slot reserved to open a connection in (its budget slot is counted by the caller). True when
+		the pool keeps db_pool_size connections already: the one opened is not kept. Under the lock."""
+		over = self._kept() >= self.config.size
+		self._opening += 1
+		self._opening_over += over
+		return over
+
 	def _total(self) -> int:
 		return len(self._idle) + len(self._in_use) + self._opening + self._returning
+
+	def _kept(self) -> int:
+		"""Connections this pool keeps, or will keep when they come back: db_pool_size bounds these, not
+		those it closes on return (opened over the size, or while keeping did not pay). Under the lock."""
+		closing = sum(1 for r in self._in_use.values() if r.defaults is None) + self._opening_over
+		return self._total() - closing
 
 	def _find_leaks(self) -> list[tuple[float, str | None]]:
 		"""Connections checked out longer than leak_warning, each reported once. Under the lock."""
@@ -652,13 +675,12 @@ class ConnectionPool:
 				for record in [*self._idle, *self._in_use.values()]:
 					if record.defaults is not None:  # one not kept has no lifetime (see _open)
 						record.expires_at = self._expiry(record.created_at)
-			excess = max(0, self._total() - config.size)
+			excess = max(0, self._kept() - config.size)
 			stale = [(self._idle.pop(0), "shrunk") for _ in range(min(excess, len(self._idle)))]
 			session = config.pgbouncer_mode == "session"
 			for record in [r for r in self._idle if r.defaults is not None and r.defaults.session != session]:
 				self._idle.remove(record)  # opened for the other pgBouncer mode (see _retire_reason)
 				stale.append((record, "reconfigured"))
-			self._budget.dispatch()  # a larger size lets this pool's waiters open connections
 		self._close_records(stale)
 
 	def close_idle(self, reason: str) -> int:
@@ -704,6 +726,7 @@ class ConnectionPool:
 		self._idle.clear()
 		self._in_use.clear()
 		self._opening = 0
+		self._opening_over = 0
 		self._returning = 0
 		self._closed = True
 		# the shared budget and its lock (maybe held by a parent thread at fork time) stay behind
@@ -742,6 +765,7 @@ class ConnectionPool:
 				"checkouts": self.stats.checkouts,
 				"hits": self.stats.hits,
 				"misses": self.stats.misses,
+				"over_size": self.stats.over_size,
 				"evictions": dict(self.stats.evictions),
 				"budget_waits": self.stats.budget_waits,
 				"budget_timeouts": self.stats.budget_timeouts,
