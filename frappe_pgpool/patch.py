@@ -1,4 +1,4 @@
-"""install()/uninstall() of the wrappers around Frappe's connection open and close.
+"""install()/uninstall() of the wrappers around Frappe's connection open and close (and its database setup).
 
 Idempotent and order-independent, in the manner of ddtrace's patch()/unpatch(): installing
 twice wraps once; uninstalling restores the original attribute when our wrapper is the
@@ -13,7 +13,7 @@ import threading
 
 import wrapt
 
-from . import frappe_layer
+from . import frappe_layer, site_lifecycle
 
 log = logging.getLogger("frappe_pgpool")
 SUPPORTED_MAJORS = (15, 16)
@@ -30,6 +30,8 @@ _TARGETS = (
 	("frappe.database.postgres.database", "PostgresDatabase", "get_connection", frappe_layer.get_connection),
 	("frappe.database.database", "Database", "close", frappe_layer.close),
 	("frappe.database.database", "Database", "sql", frappe_layer.sql),
+	# reinstall, restore, new-site --force: end the sessions pools keep before the DROP DATABASE
+	("frappe.database.postgres.setup_db", None, "setup_database", site_lifecycle.setup_database),
 )
 
 
