@@ -112,4 +112,11 @@ def drop_database(db_name: str) -> bool:
 			)
 			continue
 		return True
+	log.warning(
+		"frappe_pgpool: database %s is still in use after %s tries of ending its idle sessions (sessions in a "
+		"request or job, or ones this root login cannot see); Frappe's DROP DATABASE waits for them as without "
+		"the app",
+		db_name,
+		DROP_TRIES,
+	)
 	return False
