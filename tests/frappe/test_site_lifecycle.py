@@ -2,8 +2,8 @@
 
 restore, reinstall and new-site --force drop the database through Frappe's setup_database, drop-site
 through drop_user_and_database. Each runs here on the real bench, with two sync gunicorn workers that
-have served the site (so each keeps an idle session), and must end as in plain Frappe: exit 0, and the
-workers serve the site again. Destructive commands run on FRAPPE_SITE2 (reinstalled with the apps it
+have served the site (so each keeps an idle session) and an RQ worker, and must end as in plain Frappe:
+exit 0, and the workers serve the site again (pings, and a job the RQ worker runs). Destructive commands run on FRAPPE_SITE2 (reinstalled with the apps it
 had, frappe_pgpool among them) or on a throw-away site.
 """
 
@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .bench import BENCH, bench_cli, requires_bench
+from .bench import BENCH, bench_cli, requires_bench, run_in_bench
 from .e2e import ExistingPostgres, Gunicorn, read_site_config, sites_behind_pgbouncer
 
 pytestmark = [pytest.mark.frappe, requires_bench]
@@ -36,18 +38,60 @@ def bench(*args: str, site: str | None) -> str:
 
 
 @contextlib.contextmanager
+def rq_worker():
+	"""`bench worker` on the default queue (a forked work horse per job, as Frappe 15 runs it)."""
+	log = Path(BENCH, "logs", "pgpool-lifecycle-worker.log")
+	with open(log, "w") as out:
+		proc = subprocess.Popen(
+			[str(Path(BENCH, "env", "bin", "python")), "-m", "frappe.utils.bench_helper", "frappe", "worker"],
+			cwd=Path(BENCH, "sites"),
+			stdout=out,
+			stderr=subprocess.STDOUT,
+		)
+	try:
+		yield proc
+	finally:
+		proc.send_signal(signal.SIGTERM)
+		try:
+			proc.wait(30)
+		except subprocess.TimeoutExpired:
+			proc.kill()
+
+
+@contextlib.contextmanager
 def served(site: str, mode: str):
-	"""The site's sessions as a user's bench has them: pooling workers, maybe behind pgBouncer."""
+	"""The site's sessions as a user's bench has them: pooling web and RQ workers, maybe behind pgBouncer."""
 	config = read_site_config(site)
 	assert config.get("db_pool_enabled") == 1
 	upstream = ExistingPostgres(config.get("db_host", "127.0.0.1"), int(config.get("db_port", 5432)))
 	if mode == "direct":
-		with Gunicorn(workers=2) as web:
+		with Gunicorn(workers=2) as web, rq_worker():
 			yield web, upstream
 		return
 	with sites_behind_pgbouncer([site], pool_mode=mode, root=ROOT) as (_bouncer, upstream):
-		with Gunicorn(workers=2) as web:
+		with Gunicorn(workers=2) as web, rq_worker():
 			yield web, upstream
+
+
+def job_runs(site: str) -> None:
+	"""A job enqueued for the site is run by the RQ worker, to the end."""
+	(status,) = run_in_bench(
+		"""
+		import time, frappe
+		frappe.init(site=SITE)
+		frappe.connect()
+		job = frappe.enqueue("frappe.client.get_count", doctype="User", queue="default")
+		for _ in range(1200):
+			status = job.get_status(refresh=True)
+			if status in ("finished", "failed", "stopped", "canceled"):
+				break
+			time.sleep(0.1)
+		frappe.destroy()
+		out(status)
+		""",
+		site=site,
+	)
+	assert status == "finished"
 
 
 def idle_sessions(upstream: ExistingPostgres, db: str) -> int:
@@ -63,10 +107,21 @@ def ping(web: Gunicorn, site: str, n: int = 20) -> None:
 	assert results == [(200, {"message": "pong"})] * n
 
 
-def warm(web: Gunicorn, upstream: ExistingPostgres, site: str) -> None:
+def serves(web: Gunicorn, site: str) -> None:
 	ping(web, site)
+	job_runs(site)
+
+
+def warm(web: Gunicorn, upstream: ExistingPostgres, site: str) -> None:
+	serves(web, site)
 	# what fails a DROP DATABASE: sessions the pool (or pgBouncer, in transaction mode) keeps idle
 	assert idle_sessions(upstream, read_site_config(site)["db_name"]) >= 1
+
+
+def installed_apps(site: str) -> list[str]:
+	"""The site's installed_apps (`bench list-apps` reads the Installed Applications table, which
+	uninstall-app updates and install-app does not)."""
+	return json.loads(bench("execute", "frappe.get_installed_apps", site=site).strip().splitlines()[-1])
 
 
 def latest_backup(site: str) -> Path:
@@ -82,8 +137,8 @@ def test_backup_then_restore_force_with_pooling_workers_up(mode):
 		bench("backup", site=SITE2)
 		backup = latest_backup(SITE2)
 		bench("restore", str(backup), "--force", *ROOT_ARGS, site=SITE2)
-		ping(web, SITE2)
-	assert "frappe_pgpool" in bench("list-apps", site=SITE2)
+		serves(web, SITE2)
+	assert "frappe_pgpool" in installed_apps(SITE2)
 
 
 @pytest.mark.skipif(not SITE2, reason="FRAPPE_SITE2 not set: restore and reinstall run on the second site")
@@ -108,7 +163,7 @@ def test_restore_behind_pgbouncer_transaction_mode_ends_as_in_plain_frappe():
 		outcomes[enabled] = (result.returncode, "being accessed by other users" in output)
 	print(f"\nrestore behind transaction mode, plain then pooled (exit code, ObjectInUse): {outcomes}")
 	assert outcomes[1] == outcomes[0]
-	assert "frappe_pgpool" in bench("list-apps", site=SITE2)
+	assert "frappe_pgpool" in installed_apps(SITE2)
 
 
 @pytest.mark.skipif(not SITE2, reason="FRAPPE_SITE2 not set: restore and reinstall run on the second site")
@@ -117,8 +172,8 @@ def test_reinstall_with_pooling_workers_up(mode):
 	with served(SITE2, mode) as (web, upstream):
 		warm(web, upstream, SITE2)
 		bench("reinstall", "--yes", "--admin-password", "admin", *ROOT_ARGS, site=SITE2)
-		ping(web, SITE2)
-	assert "frappe_pgpool" in bench("list-apps", site=SITE2)
+		serves(web, SITE2)
+	assert "frappe_pgpool" in installed_apps(SITE2)
 	assert read_site_config(SITE2).get("db_pool_enabled") == 1
 
 
@@ -161,7 +216,6 @@ def test_new_site_force_then_drop_site_with_pooling_workers_up(mode):
 		with served(THROWAWAY, mode) as (web, upstream):
 			warm(web, upstream, THROWAWAY)
 			bench(*new_site, "--force", "--install-app", "frappe_pgpool", site=None)  # the config is kept
-			ping(web, THROWAWAY)
 			warm(web, upstream, THROWAWAY)
 			bench("drop-site", THROWAWAY, *ROOT_ARGS, "--no-backup", site=None)
 			assert upstream.query("SELECT count(*) FROM pg_database WHERE datname = %s", (db,)) == [(0,)]
@@ -169,3 +223,34 @@ def test_new_site_force_then_drop_site_with_pooling_workers_up(mode):
 			assert not Path(BENCH, "sites", THROWAWAY).exists()
 	finally:
 		_discard_throwaway()
+
+
+@pytest.mark.skipif(not SITE2, reason="FRAPPE_SITE2 not set: restore and reinstall run on the second site")
+def test_a_session_inside_a_transaction_is_never_ended_the_restore_fails_as_in_plain_frappe():
+	"""A session in a request or job ('idle in transaction' here) is left alone, pooled or not: the DROP
+	waits for it and fails, the restore exits 1 as plain Frappe's does, and the session lives on."""
+	config = read_site_config(SITE2)
+	upstream = ExistingPostgres(config.get("db_host", "127.0.0.1"), int(config.get("db_port", 5432)))
+	bench("backup", site=SITE2)
+	backup = latest_backup(SITE2)
+	outcomes = {}
+	try:
+		for enabled in (0, 1):
+			bench("set-config", "db_pool_enabled", str(enabled), "--parse", site=SITE2)
+			with contextlib.closing(upstream.connect(config["db_name"])) as busy:
+				busy.autocommit = False
+				with busy.cursor() as cur:
+					cur.execute("SELECT 1")  # a transaction left open, as a request in progress has
+				result = bench_cli("restore", str(backup), "--force", *ROOT_ARGS, site=SITE2)
+				with busy.cursor() as cur:
+					cur.execute("SELECT 2")
+					alive = cur.fetchone() == (2,)
+			output = result.stdout + result.stderr
+			outcomes[enabled] = (result.returncode, "being accessed by other users" in output, alive)
+	finally:
+		bench("set-config", "db_pool_enabled", "1", "--parse", site=SITE2)
+	print(
+		f"\nrestore beside an open transaction, plain then pooled (exit code, ObjectInUse, alive): {outcomes}"
+	)
+	assert outcomes[0] == outcomes[1] == (1, True, True)
+	assert "frappe_pgpool" in installed_apps(SITE2)
