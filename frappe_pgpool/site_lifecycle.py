@@ -25,6 +25,7 @@ database before its DROP (tests/frappe/test_site_lifecycle.py runs it with pooli
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import psycopg2.errors
@@ -69,7 +70,13 @@ def drop_database(db_name: str) -> bool:
 	import frappe
 	from frappe.database.postgres import setup_db
 
-	root_conn = setup_db.get_root_connection(frappe.flags.root_login, frappe.flags.root_password)
+	# as setup_database gets it: Frappe 15 passes the command's root login (frappe.flags); newer
+	# Frappe's setup_database calls get_root_connection() without arguments
+	get_root_connection = setup_db.get_root_connection
+	if inspect.signature(get_root_connection).parameters:
+		root_conn = get_root_connection(frappe.flags.root_login, frappe.flags.root_password)
+	else:
+		root_conn = get_root_connection()
 	# As setup_database does: `end` leaves psycopg2 believing a transaction is open, so it sends no
 	# BEGIN before the next statements, and DROP DATABASE runs outside a transaction block.
 	root_conn.commit()
