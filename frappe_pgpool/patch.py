@@ -30,8 +30,10 @@ _TARGETS = (
 	("frappe.database.postgres.database", "PostgresDatabase", "get_connection", frappe_layer.get_connection),
 	("frappe.database.database", "Database", "close", frappe_layer.close),
 	("frappe.database.database", "Database", "sql", frappe_layer.sql),
-	# reinstall, restore, new-site --force: end the sessions pools keep before the DROP DATABASE
-	("frappe.database.postgres.setup_db", None, "setup_database", site_lifecycle.setup_database),
+	# reinstall, restore, new-site --force: end the sessions pools keep before the DROP DATABASE. Frappe's
+	# dispatcher, not postgres.setup_db's function: frappe.database is loaded already, and setup_db (with
+	# db_manager, ~1 ms) stays unimported in every process that never sets up a database (a work horse)
+	("frappe.database", None, "setup_database", site_lifecycle.setup_database),
 )
 
 

@@ -10,8 +10,9 @@ process (reinstall connects first to read the installed apps), and, behind pgBou
 transaction mode, the idle servers pgBouncer keeps after a pooled client's clean return. Each of
 them would fail the DROP with `ObjectInUse: database ... is being accessed by other users`.
 
-So before Frappe's setup_database runs, the wrapper here closes this process's pools of the site and,
-on Frappe's own root connection (obtained exactly as setup_database obtains it), ends the database's
+So before Frappe's setup_database runs (wrapped where installer.py calls it: frappe.database's
+dispatcher, which imports the PostgreSQL module only then), the wrapper here closes this process's
+pools of the site and, on Frappe's own root connection (obtained exactly as setup_database obtains it), ends the database's
 `idle` sessions other than its own and drops the database itself, ending the idle sessions again and
 retrying when a session that was in a request meanwhile went back to its pool (at most 3 tries). A
 session inside a request or job is never ended: PostgreSQL lets the DROP wait for it as in plain
@@ -44,9 +45,12 @@ TERMINATE_IDLE = (
 
 
 def setup_database(wrapped, instance, args, kwargs):
-	"""Wrapper of frappe.database.postgres.setup_db.setup_database: end the idle sessions first."""
+	"""Wrapper of frappe.database.setup_database (which calls PostgreSQL's or MariaDB's): on PostgreSQL,
+	end the idle sessions first."""
 	import frappe
 
+	if frappe.conf.db_type != "postgres":
+		return wrapped(*args, **kwargs)
 	db_name = frappe.conf.db_name
 	site = getattr(frappe.local, "site", None)
 	if site and registry.holds_site(site):

@@ -96,7 +96,7 @@ LAYERS = """
 import psycopg2
 from frappe.database.postgres.database import PostgresDatabase
 from frappe.database.database import Database
-from frappe.database.postgres import setup_db
+import frappe.database as frappe_database
 from frappe_pgpool import frappe_layer, site_lifecycle
 def ours(cls, attr, wrapper):
 	n, current = 0, cls.__dict__.get(attr)
@@ -110,7 +110,7 @@ def layers():
 		ours(PostgresDatabase, "get_connection", frappe_layer.get_connection),
 		ours(Database, "close", frappe_layer.close),
 		ours(Database, "sql", frappe_layer.sql),
-		ours(setup_db, "setup_database", site_lifecycle.setup_database),
+		ours(frappe_database, "setup_database", site_lifecycle.setup_database),
 	]
 """
 
