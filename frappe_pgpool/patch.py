@@ -1,4 +1,4 @@
-"""install()/uninstall() of the wrappers around Frappe's connection open and close.
+"""install()/uninstall() of the wrappers around Frappe's connection open and close (and its database setup).
 
 Idempotent and order-independent, in the manner of ddtrace's patch()/unpatch(): installing
 twice wraps once; uninstalling restores the original attribute when our wrapper is the
@@ -14,7 +14,7 @@ import threading
 
 import wrapt
 
-from . import frappe_layer
+from . import frappe_layer, site_lifecycle
 
 log = logging.getLogger("frappe_pgpool")
 SUPPORTED_MAJORS = (15, 16)
@@ -41,6 +41,10 @@ _TARGETS = (
 	("frappe.database.postgres.database", "PostgresDatabase", "get_connection", frappe_layer.get_connection),
 	("frappe.database.database", "Database", "close", frappe_layer.close),
 	("frappe.database.database", "Database", "sql", frappe_layer.sql),
+	# reinstall, restore, new-site --force: end the sessions pools keep before the DROP DATABASE. Frappe's
+	# dispatcher, not postgres.setup_db's function: frappe.database is loaded already, and setup_db (with
+	# db_manager, ~1 ms) stays unimported in every process that never sets up a database (a work horse)
+	("frappe.database", None, "setup_database", site_lifecycle.setup_database),
 )
 
 

@@ -211,10 +211,14 @@ class PgBouncer:
 		pool_mode: str = "session",
 		auth_type: str = "scram-sha-256",
 		port: int | None = None,
+		clear_text: bool = False,
 		**settings: object,
 	) -> None:
 		self.cluster = cluster
 		self.users = dict(users or {})
+		# the auth file holds the passwords themselves, not the server's SCRAM secrets: pgBouncer then
+		# logs in to the server with the password (a role the server trusts, or one whose secret changes)
+		self.clear_text = clear_text
 		self.pool_mode = pool_mode
 		self.auth_type = auth_type
 		self.settings = settings
@@ -227,6 +231,8 @@ class PgBouncer:
 		self.proc: subprocess.Popen | None = None
 
 	def _secret(self, user: str, password: str) -> str:
+		if self.clear_text:
+			return password
 		if self.auth_type == "scram-sha-256" and user in self.users:
 			return self.cluster.scram_secret(user)  # clients must do a real SCRAM exchange
 		if self.auth_type == "md5":

@@ -63,14 +63,26 @@ class ExistingPostgres:
 
 
 @contextlib.contextmanager
-def sites_behind_pgbouncer(sites: list[str], pool_mode: str = "session", extra: dict | None = None):
-	"""Start one pgBouncer for the sites and point their configs at it (plus `extra` keys); restore on exit."""
+def sites_behind_pgbouncer(
+	sites: list[str],
+	pool_mode: str = "session",
+	extra: dict | None = None,
+	root: tuple[str, str] | None = None,
+):
+	"""Start one pgBouncer for the sites and point their configs at it (plus `extra` keys); restore on exit.
+
+	`root` (login, password): Frappe's root connection (reinstall, restore, new-site --force, drop-site)
+	goes to the site's db_host and db_port, so through this pgBouncer too; it then knows every user by
+	password (the root role has none the server checks, and reinstall re-salts the site user's secret).
+	"""
 	originals = {site: site_config_path(site).read_text() for site in sites}
 	configs = {site: read_site_config(site) for site in sites}
 	first = configs[sites[0]]
 	upstream = ExistingPostgres(first.get("db_host", "127.0.0.1"), int(first.get("db_port", 5432)))
 	users = {c.get("db_user", c["db_name"]): c["db_password"] for c in configs.values()}
-	bouncer = PgBouncer(upstream, users=users, pool_mode=pool_mode)  # type: ignore[arg-type]
+	if root:
+		users[root[0]] = root[1]
+	bouncer = PgBouncer(upstream, users=users, pool_mode=pool_mode, clear_text=root is not None)  # type: ignore[arg-type]
 	bouncer.start()
 	try:
 		for site, config in configs.items():
@@ -87,7 +99,8 @@ def sites_behind_pgbouncer(sites: list[str], pool_mode: str = "session", extra: 
 		yield bouncer, upstream
 	finally:
 		for site, text in originals.items():
-			site_config_path(site).write_text(text)
+			if site_config_path(site).parent.is_dir():  # not a site the test dropped (drop-site)
+				site_config_path(site).write_text(text)
 		bouncer.kill()
 
 

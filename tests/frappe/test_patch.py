@@ -96,7 +96,8 @@ LAYERS = """
 import psycopg2
 from frappe.database.postgres.database import PostgresDatabase
 from frappe.database.database import Database
-from frappe_pgpool import frappe_layer
+import frappe.database as frappe_database
+from frappe_pgpool import frappe_layer, site_lifecycle
 def ours(cls, attr, wrapper):
 	n, current = 0, cls.__dict__.get(attr)
 	while current is not None:
@@ -109,6 +110,7 @@ def layers():
 		ours(PostgresDatabase, "get_connection", frappe_layer.get_connection),
 		ours(Database, "close", frappe_layer.close),
 		ours(Database, "sql", frappe_layer.sql),
+		ours(frappe_database, "setup_database", site_lifecycle.setup_database),
 	]
 """
 
@@ -157,7 +159,7 @@ def test_patch_after_import_twice_unpatch_repatch():
 		),
 		env=NOT_ARMED,
 	)
-	one, none = [1, 1, 1, 1], [0, 0, 0, 0]
+	one, none = [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]
 	assert steps == [
 		["imported", None, False, none],
 		["install", True, True, one],
@@ -205,11 +207,11 @@ def test_another_wrapt_wrapper_on_top_keeps_working_through_unpatch_and_repatch(
 		),
 		env=NOT_ARMED,
 	)
-	assert result["on"] == [True, 2, 2, [1, 1, 1, 1]]
+	assert result["on"] == [True, 2, 2, [1, 1, 1, 1, 1]]
 	# ours stays under theirs as a pass-through (the rest is unwrapped): connections are Frappe's own again
-	assert result["off"] == [False, 2, 4, [0, 1, 0, 0], False]
+	assert result["off"] == [False, 2, 4, [0, 1, 0, 0, 0], False]
 	# and is switched back on, not wrapped a second time
-	assert result["again"] == [True, 4, 6, [1, 1, 1, 1], True]
+	assert result["again"] == [True, 4, 6, [1, 1, 1, 1, 1], True]
 	assert result["outer_on_top"] is True
 
 
