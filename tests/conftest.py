@@ -8,6 +8,7 @@ Frappe-tier test fails the run, named with its reason.
 from __future__ import annotations
 
 import os
+import threading
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -79,6 +80,34 @@ def scalar(conn: ext.connection, sql: str, args=None):
 	with conn.cursor() as cur:
 		cur.execute(sql, args)
 		return cur.fetchone()[0]
+
+
+HANG = 60.0  # seconds: how long an operation may stay blocked before a test calls it a hang
+
+
+def completes(fn, within: float = HANG):
+	"""Run fn() in a thread; return its result or raise its exception.
+
+	A HANG detector, never a speed bound: it fails only when fn is still blocked after `within` seconds
+	(the thread is left behind, a daemon). Tests assert what happened (an order of events, a count, a
+	state), never how long it took: benchmarks report durations.
+	"""
+	outcome: list = []
+
+	def run() -> None:
+		try:
+			outcome.append((True, fn()))
+		except BaseException as e:
+			outcome.append((False, e))
+
+	thread = threading.Thread(target=run, name="completes", daemon=True)
+	thread.start()
+	thread.join(within)
+	assert not thread.is_alive(), f"{fn!r} still blocked after {within:.0f} s: a hang"
+	((ok, value),) = outcome
+	if not ok:
+		raise value
+	return value
 
 
 REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"
