@@ -90,7 +90,8 @@ def completes(fn, within: float = HANG):
 	"""Run fn() in a thread; return its result or raise its exception.
 
 	A HANG detector, never a speed bound: it fails only when fn is still blocked after `within` seconds
-	(the thread is left behind, a daemon). Tests assert what happened (an order of events, a count, a
+	(the thread is left behind, a daemon). Not for pool checkouts: a checkout belongs to its thread, and a
+	helper thread may reuse the ident of a finished one that held a checkout. Tests assert what happened (an order of events, a count, a
 	state), never how long it took: benchmarks report durations.
 	"""
 	outcome: list = []
