@@ -1,13 +1,15 @@
 """Fixtures: a throwaway PostgreSQL cluster and a pgBouncer (session mode, SCRAM) per test session.
 
 The Frappe tier (tests/frappe) may be skipped locally when there is no bench, never where
-PGPOOL_REQUIRE_FRAPPE=1 (CI): there a missing bench stops the run before any test, and any skipped
-Frappe-tier test fails the run, named with its reason.
+PGPOOL_REQUIRE_FRAPPE=1: there a missing bench stops the run before any test, and any skipped
+Frappe-tier test (at run time or at collection) fails the run, named with its reason. Under
+PGPOOL_NO_SKIPS=1 or CI=true (.ci/run sets both) any skip at all, in any tier, fails the run.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -81,8 +83,55 @@ def scalar(conn: ext.connection, sql: str, args=None):
 		return cur.fetchone()[0]
 
 
+HANG = 60.0  # seconds: how long an operation may stay blocked before a test calls it a hang
+
+
+def completes(fn, within: float = HANG):
+	"""Run fn() in a thread; return its result or raise its exception.
+
+	A HANG detector, never a speed bound: it fails only when fn is still blocked after `within` seconds
+	(the thread is left behind, a daemon). Not for pool checkouts: a checkout belongs to its thread, and a
+	helper thread may reuse the ident of a finished one that held a checkout. Tests assert what happened (an order of events, a count, a
+	state), never how long it took: benchmarks report durations.
+	"""
+	outcome: list = []
+
+	def run() -> None:
+		try:
+			outcome.append((True, fn()))
+		except BaseException as e:
+			outcome.append((False, e))
+
+	thread = threading.Thread(target=run, name="completes", daemon=True)
+	thread.start()
+	thread.join(within)
+	assert not thread.is_alive(), f"{fn!r} still blocked after {within:.0f} s: a hang"
+	((ok, value),) = outcome
+	if not ok:
+		raise value
+	return value
+
+
 REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"
-_frappe_skips: list[str] = []
+# CI (CI=true, or PGPOOL_NO_SKIPS=1 which .ci/run sets): nothing may be skipped silently, in any tier
+NO_SKIPS = os.environ.get("PGPOOL_NO_SKIPS") == "1" or os.environ.get("CI") == "true"
+_skips: list[tuple[str, str]] = []  # (where, why): at collection (a module-level skip) or at run time
+
+
+def _reason(report) -> str:
+	return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+def _frappe_tier(nodeid: str) -> bool:
+	return "tests/frappe/" in nodeid.replace(os.sep, "/")
+
+
+def _failing_skips() -> list[str]:
+	if NO_SKIPS:
+		return [f"{where}: {why}" for where, why in _skips]
+	if REQUIRE_FRAPPE:
+		return [f"{where}: {why}" for where, why in _skips if _frappe_tier(where)]
+	return []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -91,26 +140,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 		raise pytest.UsageError(f"PGPOOL_REQUIRE_FRAPPE=1 but the Frappe tier cannot run: {problem}")
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+	"""A module skipped while it is collected (pytest.skip(allow_module_level=True), importorskip)."""
+	if report.skipped:
+		_skips.append((f"{report.nodeid} (at collection)", _reason(report)))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-	if report.skipped and "tests/frappe/" in report.nodeid.replace(os.sep, "/"):
-		reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-		_frappe_skips.append(f"{report.nodeid}: {reason}")
+	if report.skipped and not hasattr(report, "wasxfail"):
+		_skips.append((report.nodeid, _reason(report)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-	if REQUIRE_FRAPPE and _frappe_skips:
+	if _failing_skips() and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
 		session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-	if not _frappe_skips:
+	if not _skips:
 		return
-	if REQUIRE_FRAPPE:
-		terminalreporter.write_line(
-			f"FAILED: {len(_frappe_skips)} Frappe-tier test(s) skipped with PGPOOL_REQUIRE_FRAPPE=1:",
-			red=True,
-		)
-		for line in _frappe_skips:
+	failing = _failing_skips()
+	if failing:
+		why = "PGPOOL_NO_SKIPS=1 / CI=true: nothing may be skipped" if NO_SKIPS else "PGPOOL_REQUIRE_FRAPPE=1"
+		terminalreporter.write_line(f"FAILED: {len(failing)} skip(s) with {why}:", red=True)
+		for line in failing:
 			terminalreporter.write_line(f"  {line}", red=True)
 	else:
-		terminalreporter.write_line(f"Frappe tier: {len(_frappe_skips)} test(s) skipped: {_frappe_skips[0]}")
+		frappe = [w for w, _ in _skips if _frappe_tier(w)]
+		terminalreporter.write_line(
+			f"skipped: {len(_skips)} ({len(frappe)} in the Frappe tier): {_skips[0][0]}: {_skips[0][1]}"
+		)

@@ -27,7 +27,8 @@ PTH = "frappe_pgpool_arm.pth"
 
 
 def _uv() -> str | None:
-	found = shutil.which("uv")
+	beside = Path(sys.executable).parent / "uv"  # the test extras install it into the venv
+	found = str(beside) if beside.exists() else shutil.which("uv")
 	bench = os.environ.get("FRAPPE_BENCH_PATH")
 	if not found and bench and Path(bench, ".bench-cli", "bin", "uv").exists():
 		found = str(Path(bench, ".bench-cli", "bin", "uv"))

@@ -338,10 +338,10 @@ def test_numeric_budget_times_out_with_a_message_naming_the_key_and_the_numbers(
 	held = in_thread(
 		lambda: reg.getconn(a, config, named_factory(bouncer, "budget-timeout", a.user), process_budget=1)
 	)
-	started = time.monotonic()
+	# in this thread (a checkout belongs to its thread: a helper thread might reuse the holder's ident);
+	# db_pool_timeout ends the wait, pytest-timeout is the hang detector
 	with pytest.raises(PoolTimeout) as raised:
 		reg.getconn(b, config, named_factory(bouncer, "budget-timeout", b.user), process_budget=1)
-	assert 0.25 <= time.monotonic() - started < 2
 	message = str(raised.value)
 	assert "db_pool_process_budget=1" in message and "1 open" in message and "1 in use" in message
 	assert "budget-timeout-1.local" in message
@@ -641,12 +641,12 @@ def test_a_thread_holding_a_checkout_is_never_made_to_wait_for_the_budget(bounce
 	config = PoolConfig(enabled=True, size=2, timeout=1.0)
 	reg.set_process_budget(1)
 	primary = reg.getconn(key_for("app1", bouncer=bouncer), config, named_factory(bouncer, "nested-primary"))
-	started = time.monotonic()
 	replica = reg.getconn(
 		key_for("app2", bouncer=bouncer), config, named_factory(bouncer, "nested-replica", user="app2")
 	)
-	assert time.monotonic() - started < 0.5  # no wait for a budget only this thread can free
-	assert reg.snapshot()["budget_overdrafts"] == 1
+	# no wait for a budget only this thread can free: it went over the budget (counted), never queued
+	snap = reg.snapshot()
+	assert (snap["budget_overdrafts"], snap["budget_waits"], snap["budget_timeouts"]) == (1, 0, 0)
 	reg.putconn(replica)
 	reg.putconn(primary)
 	assert reg.snapshot()["open"] <= 1  # back within the budget once both are returned

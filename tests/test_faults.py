@@ -15,6 +15,14 @@ from frappe_pgpool.testing.cluster import PgBouncer
 from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
 
 
+def wait_until(predicate, what: str, within: float = 60) -> None:
+	"""Poll a state until it holds; a hang detector at `within` seconds, not a speed bound."""
+	deadline = time.monotonic() + within
+	while not predicate():
+		assert time.monotonic() < deadline, f"never reached: {what}"
+		time.sleep(0.02)
+
+
 def test_pgbouncer_down_fails_fast_then_heals(cluster, registry):
 	with PgBouncer(cluster, users=USERS) as bouncer:
 		key = key_for(bouncer=bouncer, site="down")
@@ -24,12 +32,14 @@ def test_pgbouncer_down_fails_fast_then_heals(cluster, registry):
 		bouncer.stop()
 		# the idle connection is found dead without a round trip; the reconnect is refused at once
 		for _ in range(5):
-			started = time.monotonic()
-			with pytest.raises(psycopg2.OperationalError):
+			with pytest.raises(psycopg2.OperationalError) as raised:
 				registry.getconn(key, config, connect)
-			assert time.monotonic() - started < 2
+			# refused by the closed port (not a timeout, not a wait for the pool): failing fast is the
+			# refusal itself; how fast is a benchmark's figure
+			assert "Connection refused" in str(raised.value), raised.value
 		stats = registry.pool(key, config).snapshot()
 		assert stats["connect_errors"] == 5 and stats["size"] == 0  # failed connects free their slot
+		assert stats["closed"] == {"dead": 1} and (stats["waits"], stats["timeouts"]) == (0, 0)
 		bouncer.start()
 		conn = registry.getconn(key, config, connect)
 		assert scalar(conn, "SELECT 1") == 1
@@ -45,7 +55,10 @@ def test_pgbouncer_client_idle_timeout_never_reaches_a_request(cluster, registry
 		below = PoolConfig(size=2, max_idle=0.5)
 		key = key_for(bouncer=bouncer, site="idle-below")
 		registry.putconn(registry.getconn(key, below, connect))
-		time.sleep(1.5)
+		# the reaper closes it once idle for max_idle: waited for as a state, not a guessed sleep
+		wait_until(
+			lambda: registry.pool(key, below).snapshot()["closed"] == {"idle": 1}, "the reaper's close"
+		)
 		conn = registry.getconn(key, below, connect)
 		assert scalar(conn, "SELECT 1") == 1
 		registry.putconn(conn)
@@ -53,13 +66,16 @@ def test_pgbouncer_client_idle_timeout_never_reaches_a_request(cluster, registry
 		# max_idle above it (a misconfiguration): pgBouncer closes it, the liveness check notices
 		above = PoolConfig(size=2, max_idle=60)
 		key = key_for(bouncer=bouncer, site="idle-above")
-		timeouts_so_far = bouncer.log.read_text().count("client_idle_timeout")
+		timeouts_so_far = bouncer.read_log().count("client_idle_timeout")
 		registry.putconn(registry.getconn(key, above, connect))
-		deadline = time.monotonic() + 20
-		while bouncer.log.read_text().count("client_idle_timeout") == timeouts_so_far:
-			assert time.monotonic() < deadline, "pgBouncer never applied client_idle_timeout"
-			time.sleep(0.2)
-		time.sleep(0.2)
+		wait_until(
+			lambda: bouncer.read_log().count("client_idle_timeout") > timeouts_so_far,
+			"pgBouncer's client_idle_timeout",
+		)
+		# pgBouncer has closed the client (it lists none for app1): its socket is closed, not closing
+		wait_until(
+			lambda: not [c for c in bouncer.clients() if c["database"] == "app1"], "the client's close"
+		)
 		conn = registry.getconn(key, above, connect)
 		assert scalar(conn, "SELECT 1") == 1
 		registry.putconn(conn)

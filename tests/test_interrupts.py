@@ -48,22 +48,45 @@ def raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> 
 
 
 class alarm:
-	"""signal.setitimer + a SIGALRM handler raising JobTimeout (or `exc`), as RQ's job timeout does."""
+	"""signal.setitimer + a SIGALRM handler raising JobTimeout (or `exc`), as RQ's job timeout does.
 
-	def __init__(self, seconds: float, exc: type[BaseException] = JobTimeout) -> None:
+	when=predicate: no timer; SIGALRM is sent once the predicate holds (polled from a thread), so the
+	interruption lands at a known point of the code under test, never at a guessed delay.
+	"""
+
+	def __init__(self, seconds: float | None, exc: type[BaseException] = JobTimeout, when=None) -> None:
 		self.seconds = seconds
 		self.exc = exc
+		self.when = when
+		self.sent = threading.Event()
+		self._stop = threading.Event()
+
+	def _watch(self, main: int) -> None:
+		deadline = time.monotonic() + 60  # a hang detector
+		while not self._stop.is_set() and time.monotonic() < deadline:
+			if self.when():
+				self.sent.set()
+				signal.pthread_kill(main, signal.SIGALRM)
+				return
+			time.sleep(0.005)
 
 	def __enter__(self):
 		def handler(signum, frame):
 			raise self.exc(f"job exceeded {self.seconds}s")
 
 		self.previous = signal.signal(signal.SIGALRM, handler)
-		signal.setitimer(signal.ITIMER_REAL, self.seconds)
+		if self.when is None:
+			signal.setitimer(signal.ITIMER_REAL, self.seconds)
+		else:
+			self.watcher = threading.Thread(target=self._watch, args=(threading.get_ident(),), daemon=True)
+			self.watcher.start()
 		return self
 
 	def __exit__(self, *exc):
 		signal.setitimer(signal.ITIMER_REAL, 0)
+		if self.when is not None:
+			self._stop.set()
+			self.watcher.join()
 		signal.signal(signal.SIGALRM, self.previous)
 		return False
 
@@ -157,15 +180,14 @@ def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
 	holder.start()
 	holder.join(5)
 	(held,) = got
-	started = time.monotonic()
-	with alarm(0.2), pytest.raises(JobTimeout):
+	with alarm(0.2), pytest.raises(JobTimeout):  # the alarm ends the wait, not db_pool_timeout
 		pool.getconn(connect)
-	assert time.monotonic() - started < 2
+	assert pool.snapshot()["timeouts"] == 0
 	assert accounting(pool) == (1, 0, 1, 0, 0)  # size, idle, in_use, opening, waiting: no ghost queued
 	pool.putconn(held, discard=discard)
-	started = time.monotonic()
-	conn = pool.getconn(connect, timeout=1)  # the next caller is served at once
-	assert time.monotonic() - started < 0.5
+	waits = pool.snapshot()["waits"]
+	conn = pool.getconn(connect, timeout=1)  # the next caller is served at once: no ghost ahead of it
+	assert (pool.snapshot()["waits"], pool.snapshot()["timeouts"]) == (waits, 0)  # it never queued
 	assert accounting(pool) == (1, 0, 1, 0, 0)
 	pool.putconn(conn)
 	assert accounting(pool) == (1, 1, 0, 0, 0)
@@ -208,17 +230,31 @@ def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, di
 
 
 @pytest.mark.parametrize("exc", [JobTimeout, RQJobTimeout], ids=["BaseException", "rq-Exception"])
-def test_an_interruption_during_the_reset_frees_the_slot(bouncer, exc):
+def test_an_interruption_during_the_reset_frees_the_slot(cluster, bouncer, exc):
 	"""putconn's reset is a round trip; an exception raised into it must reach the caller (RQ's job
 	timeout is an Exception: swallowed as a failed reset, the job would overrun its timeout), and must
 	not keep the slot reserved, nor put a half-reset session back."""
 	pool = ConnectionPool(
-		"site reset.local", PoolConfig(size=1, timeout=0.5, reset_query="SELECT pg_sleep(0.3)")
+		"site reset.local", PoolConfig(size=1, timeout=0.5, reset_query="SELECT pg_sleep(1)")
 	)
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
-	with alarm(0.1, exc), pytest.raises(exc):
-		pool.putconn(conn)
+	pid = backend_pid(conn)
+	admin = cluster.connect()
+	admin.autocommit = True
+
+	def resetting() -> bool:  # the return's reset query is running on the server
+		with admin.cursor() as cur:
+			cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
+			row = cur.fetchone()
+			return row is not None and row[0] == "PgSleep"
+
+	try:
+		with alarm(None, exc, when=resetting) as interrupt, pytest.raises(exc):
+			pool.putconn(conn)
+		assert interrupt.sent.is_set()  # raised by the interruption sent during the reset
+	finally:
+		admin.close()
 	assert conn.closed  # its session state is unknown: never reused
 	assert accounting(pool) == (0, 0, 0, 0, 0)
 	assert pool.snapshot()["closed"] == {"reset_failed": 1}

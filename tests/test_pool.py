@@ -187,20 +187,20 @@ def test_exhaustion_waits_then_raises_a_clear_error(bouncer, config):
 	)
 	connect = frappe_like_factory(bouncer)
 	held = [pool.getconn(connect), pool.getconn(connect)]
-	outcome: list[object] = []
+	outcome: list[PoolTimeout] = []
 
 	def other_request() -> None:  # another thread: one holding a checkout never waits (an overdraft)
-		started = time.monotonic()
 		try:
-			pool.getconn(connect)
+			pool.getconn(connect)  # db_pool_timeout ends the wait (the join below only detects a hang)
 		except PoolTimeout as e:
-			outcome.extend([e, time.monotonic() - started])
+			outcome.append(e)
 
 	thread = threading.Thread(target=other_request)
 	thread.start()
-	thread.join(5)
-	raised, waited = outcome
-	assert 0.25 <= waited < 2
+	thread.join(60)
+	(raised,) = outcome
+	# it queued (a wait counted), then gave up: nothing opened over the budget
+	assert pool.snapshot()["waits"] == 1 and pool.snapshot()["waiting"] == 0
 	message = str(raised)
 	assert "exhausted.local" in message and "db_pool_process_budget=2" in message and "2 in use" in message
 	assert isinstance(raised, psycopg2.OperationalError)

@@ -26,7 +26,8 @@ def tx_bouncer(cluster):
 
 
 def queries(bouncer) -> int:
-	return int(bouncer.stats("app1")["total_query_count"])
+	row = bouncer.stats("app1", missing_ok=True)
+	return 0 if row is None else int(row["total_query_count"])  # None: no client of app1 yet, none sent
 
 
 def request(conn, statement="SELECT 1"):

@@ -324,18 +324,33 @@ class PgBouncer:
 			lambda: psycopg2.connect(self.dsn(self.admin_user, self.admin_password, "pgbouncer")), command
 		)
 
-	def stats(self, dbname: str) -> dict:
-		for row in self.admin("SHOW STATS"):
+	def stats(self, dbname: str, *, missing_ok: bool = False) -> dict | None:
+		"""pgBouncer's SHOW STATS row for `dbname`.
+
+		A database pgBouncer does not list raises (a made-up zero row would let "nothing was sent" pass
+		without measuring anything); a caller for which "no client has connected yet" is a legitimate
+		state says so with missing_ok=True and gets None.
+		"""
+		rows = self.admin("SHOW STATS")
+		for row in rows:
 			if row["database"] == dbname:
 				return row
-		return {"database": dbname, "total_query_count": 0, "total_xact_count": 0}
+		if missing_ok:
+			return None
+		raise AssertionError(
+			f"pgBouncer's SHOW STATS lists no database {dbname!r} (it lists {[r['database'] for r in rows]})"
+		)
+
+	def read_log(self) -> str:
+		"""pgBouncer's log; one that cannot be read fails the caller (never an empty log: counts read
+		from it would be zeros that pass every "at most N" assertion)."""
+		try:
+			return self.log.read_text(errors="replace")
+		except OSError as e:
+			raise AssertionError(f"cannot read pgBouncer's log {self.log}: {e}") from e
 
 	def _log_count(self, pattern: str) -> int:
-		try:
-			text = self.log.read_text(errors="replace")
-		except OSError:
-			return 0
-		return len(re.findall(pattern, text))
+		return len(re.findall(pattern, self.read_log()))
 
 	def logins(self, dbname: str) -> int:
 		"""Successful client logins to `dbname` so far (across restarts: the log is appended).

@@ -90,10 +90,7 @@ def point_at(sites: list[str], host: str, port: int) -> None:
 
 def logins(bouncer: PgBouncer, dbs: set[str]) -> int:
 	"""Client logins pgBouncer completed for these databases so far (its log, log_connections=1)."""
-	try:
-		text = bouncer.log.read_text(errors="replace")
-	except OSError:
-		return 0
+	text = bouncer.read_log()  # raises when unreadable
 	return sum(1 for m in re.finditer(r" login attempt: db=(\S+) ", text) if m[1] in dbs)
 
 
@@ -113,10 +110,7 @@ def connection_timeline(bouncer: PgBouncer, dbs: set[str]) -> list[tuple[float, 
 	"""
 	import datetime
 
-	try:
-		lines = bouncer.log.read_text(errors="replace").splitlines()
-	except OSError:
-		return []
+	lines = bouncer.read_log().splitlines()  # raises when unreadable
 	open_: dict[str, set[str]] = {"C": set(), "S": set()}
 	timeline = []
 	for line in lines:
@@ -164,23 +158,34 @@ def tcp_connections(pids: set[int], port: int) -> dict[int, int]:
 
 	Exact at the instant it is read, unlike pg_stat_activity, where a backend whose client has just
 	closed stays listed until it has exited.
+
+	A table or a process's fd directory that cannot be read raises (never a count of 0); only a
+	kernel without IPv6 (no /proc/net/tcp6) and an fd closed between listing and reading it are skipped.
 	"""
 	established: set[str] = set()
 	for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-		with contextlib.suppress(OSError):
-			for line in Path(table).read_text().splitlines()[1:]:
-				fields = line.split()
-				if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-					established.add(fields[9])  # inode
+		try:
+			text = Path(table).read_text()
+		except FileNotFoundError:
+			if table.endswith("6"):
+				continue
+			raise
+		for line in text.splitlines()[1:]:
+			fields = line.split()
+			if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+				established.add(fields[9])  # inode
 	counts = {}
 	for pid in pids:
 		n = 0
-		with contextlib.suppress(OSError):
-			for fd in Path(f"/proc/{pid}/fd").iterdir():
-				with contextlib.suppress(OSError):
-					link = os.readlink(fd)
-					if link.startswith("socket:[") and link[8:-1] in established:
-						n += 1
+		try:
+			fds = list(Path(f"/proc/{pid}/fd").iterdir())
+		except OSError as e:
+			raise AssertionError(f"cannot read the sockets of process {pid}: {e}") from e
+		for fd in fds:
+			with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+				link = os.readlink(fd)
+				if link.startswith("socket:[") and link[8:-1] in established:
+					n += 1
 		counts[pid] = n
 	return counts
 
@@ -290,13 +295,22 @@ class Sampler(threading.Thread):
 		self.join(10)
 		return self.samples
 
+	def _checked(self, name: str) -> list[dict]:
+		"""The samples, when every one was taken and each has `name`: a peak over lost or missing samples
+		would be a silent zero that passes any upper bound."""
+		assert not self.errors, f"the sampler lost {len(self.errors)} sample(s): {self.errors[:3]}"
+		assert self.samples, "the sampler took no sample"
+		missing = sum(1 for s in self.samples if name not in s)
+		assert not missing, f"{missing} of {len(self.samples)} samples have no {name!r}"
+		return self.samples
+
 	def peak(self, name: str) -> int:
-		return max((s.get(name, 0) for s in self.samples), default=0)
+		return max(s[name] for s in self._checked(name))
 
 	def peak_by_pid(self, name: str) -> dict[int, int]:
 		"""Most connections each pid held at once in any sample (clients_, backends_ or sockets_by_pid)."""
 		peak: dict[int, int] = {}
-		for s in self.samples:
+		for s in self._checked(name):
 			for pid, n in s.get(name, {}).items():
 				peak[pid] = max(peak.get(pid, 0), n)
 		return peak

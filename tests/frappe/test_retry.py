@@ -28,12 +28,34 @@ admin = psycopg2.connect(host=conf.db_host or "127.0.0.1", port=conf.db_port or 
     user=os.environ.get("PGPOOL_E2E_PG_SUPERUSER", "postgres"), dbname="postgres")
 admin.autocommit = True
 
-def kill(conn):
+# PGPOOL_RETRY_NO_FAULT=1 removes the fault (nothing is terminated): every test of a fault must then fail
+NO_FAULT = os.environ.get("PGPOOL_RETRY_NO_FAULT") == "1"
+kills = []  # the evidence of each kill, in order: the fault must be shown to have landed
+
+def backend_alive(pid):
     with admin.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+        return cur.fetchone()[0] == 1
+
+def kill(conn):
+    pid = conn.get_backend_pid()
+    alive_before = backend_alive(pid)
+    with admin.cursor() as cur:
+        if NO_FAULT:
+            cur.execute("SELECT false")
+        else:
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        terminated = cur.fetchone()[0]
+    # hang detectors, not speed bounds: the client's socket becomes readable (the backend's goodbye) and
+    # the backend leaves pg_stat_activity, each waited for up to 10 s
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
-    assert poller.poll(5000), "the client never saw its backend go"
+    seen = bool(poller.poll(10000))
+    deadline = time.monotonic() + 10
+    while backend_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kills.append({"pid": pid, "alive_before": alive_before, "terminated": terminated,
+        "client_saw_it": seen, "gone": not backend_alive(pid)})
 
 kill_at_checkout = []
 def killer(wrapped, instance, args, kwargs):
@@ -46,6 +68,8 @@ wrapt.wrap_function_wrapper("frappe.database.postgres.database", "PostgresDataba
 
 frappe.db.sql(f"CREATE TABLE IF NOT EXISTS {TABLE} (tag text)")
 frappe.db.sql(f"DELETE FROM {TABLE}")
+frappe.db.sql("DROP SEQUENCE IF EXISTS pgpool_retry_runs")
+frappe.db.sql("CREATE SEQUENCE pgpool_retry_runs")
 frappe.db.commit()
 frappe.destroy()
 
@@ -60,14 +84,22 @@ def rows(tag):
     return n
 
 def attempt(steps):
+    # what `steps` came to: its outcome ("ok" or the exception's type), the error's text, the kills made
+    del kills[:]
     try:
         steps()
         frappe.db.commit()
-        return "ok"
+        return {"outcome": "ok", "error": None, "kills": list(kills)}
     except Exception as e:
-        return type(e).__name__
+        return {"outcome": type(e).__name__, "error": str(e)[:300], "kills": list(kills)}
     finally:
         frappe.destroy()
+
+def case(steps, tag=None):
+    fresh()
+    found = attempt(steps)
+    found["rows"] = rows(tag) if tag else None
+    return found
 
 def insert(tag):
     frappe.db.sql(f"INSERT INTO {TABLE} VALUES (%s)", tag)
@@ -76,46 +108,62 @@ results = {}
 
 def between_1_and_2():
     insert("a"); kill(frappe.db._conn); insert("a")
-fresh(); results["kill between statements 1 and 2"] = (attempt(between_1_and_2), rows("a"))
+results["kill between statements 1 and 2"] = case(between_1_and_2, "a")
 
 def before_1_lazy():
     kill_at_checkout.append(1); insert("b")
-fresh(); results["kill before statement 1 (lazy connect)"] = (attempt(before_1_lazy), rows("b"))
+results["kill before statement 1 (lazy connect)"] = case(before_1_lazy, "b")
 
 def before_1_explicit():
     frappe.db.connect(); kill(frappe.db._conn); insert("c")
-fresh(); results["kill before statement 1 (explicit connect)"] = (attempt(before_1_explicit), rows("c"))
+results["kill before statement 1 (explicit connect)"] = case(before_1_explicit, "c")
 
 def after_commit():
     insert("d"); frappe.db.commit(); kill(frappe.db._conn); insert("d")
-fresh(); results["kill after a commit"] = (attempt(after_commit), rows("d"))
+results["kill after a commit"] = case(after_commit, "d")
 
 def for_update():
     frappe.db.sql(f"SELECT * FROM {TABLE} FOR UPDATE"); kill(frappe.db._conn); insert("e")
-fresh(); results["FOR UPDATE then kill"] = (attempt(for_update), rows("e"))
+results["FOR UPDATE then kill"] = case(for_update, "e")
 
 def snapshot():
     frappe.db.sql(f"SELECT count(*) FROM {TABLE}"); kill(frappe.db._conn); frappe.db.sql(f"SELECT count(*) FROM {TABLE}")
-fresh(); results["REPEATABLE READ snapshot then kill"] = (attempt(snapshot), None)
+results["REPEATABLE READ snapshot then kill"] = case(snapshot)
 
 def chained():
     insert("f"); frappe.db.sql("COMMIT AND CHAIN"); kill(frappe.db._conn); insert("f")
-fresh(); results["COMMIT AND CHAIN then kill"] = (attempt(chained), rows("f"))
+results["COMMIT AND CHAIN then kill"] = case(chained, "f")
 
 # a first statement that was running when its backend was killed (a DBA's pg_terminate_backend, the OOM
 # killer): it ran, so it is not run again, even though nothing of it was committed
+# the statement counts its runs in a sequence (nextval is not rolled back): run again, it would count 2
 import threading
 def killed_while_running():
     frappe.db.connect()
     conn = frappe.db._conn
-    def later():
-        time.sleep(0.5)
-        kill(conn)
-    threading.Thread(target=later).start()
-    frappe.db.sql("SELECT pg_sleep(3)")
-fresh(); started = time.monotonic()
-outcome = attempt(killed_while_running)
-results["first statement killed while running"] = (outcome, round(time.monotonic() - started, 1))
+    pid = conn.get_backend_pid()
+    def when_it_runs():  # kills once the backend is inside pg_sleep (no guessed delay)
+        deadline = time.monotonic() + 30  # a hang detector
+        while time.monotonic() < deadline:
+            with admin.cursor() as cur:
+                cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
+                row = cur.fetchone()
+            if row and row[0] == "PgSleep":
+                kill(conn)
+                return
+            time.sleep(0.02)
+    killer_thread = threading.Thread(target=when_it_runs)
+    killer_thread.start()
+    try:
+        frappe.db.sql("SELECT nextval('pgpool_retry_runs'), pg_sleep(20)")
+    finally:
+        killer_thread.join()
+found = case(killed_while_running)
+fresh()
+last_value, is_called = frappe.db.sql("SELECT last_value, is_called FROM pgpool_retry_runs")[0]
+frappe.destroy()
+found["runs"] = last_value if is_called else 0
+results["first statement killed while running"] = found
 
 # v15's enable_db_statement_timeout runs SET LOCAL through sql() inside connect()
 def timeout_in_connect():
@@ -125,7 +173,7 @@ def timeout_in_connect():
         kill_at_checkout.append(1); insert("g")
     finally:
         del frappe.local.request
-fresh(); results["kill before SET LOCAL statement_timeout in connect()"] = (attempt(timeout_in_connect), rows("g"))
+results["kill before SET LOCAL statement_timeout in connect()"] = case(timeout_in_connect, "g")
 
 # v16's connect() runs SET search_path on the cursor itself, outside sql()
 from frappe.database.postgres.database import PostgresDatabase
@@ -136,7 +184,7 @@ def v16_connect(self):
 PostgresDatabase.connect = v16_connect
 def search_path_in_connect():
     kill_at_checkout.append(1); insert("h")
-fresh(); results["kill before SET search_path in connect() (v16 shape)"] = (attempt(search_path_in_connect), rows("h"))
+results["kill before SET search_path in connect() (v16 shape)"] = case(search_path_in_connect, "h")
 PostgresDatabase.connect = original_connect
 
 # v16 reconnects over an open connection without close(): the old checkout must not keep its slot
@@ -162,9 +210,18 @@ fresh()
 results["after COMMIT AND CHAIN: next checkout"] = (
     frappe.db.sql("SHOW statement_timeout")[0][0], frappe.db.sql("SHOW transaction_isolation")[0][0], rows("i"))
 
-fresh(); frappe.db.sql(f"DROP TABLE {TABLE}"); frappe.db.commit(); frappe.destroy()
+fresh(); frappe.db.sql(f"DROP TABLE {TABLE}"); frappe.db.sql("DROP SEQUENCE pgpool_retry_runs"); frappe.db.commit(); frappe.destroy()
 out(results)
 """
+
+
+# what psycopg2 raises on a client whose backend was terminated: the message of the backend's goodbye,
+# or of the socket found closed
+FAULT_ERRORS = (
+	"terminating connection due to administrator command",
+	"server closed the connection unexpectedly",
+	"connection already closed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +230,21 @@ def results():
 	for name, value in found.items():
 		print(f"\n{name}: {value}", end="")
 	return found
+
+
+def assert_the_fault_landed(found: dict) -> None:
+	"""Exactly one backend was killed in the case: it existed, was terminated, its client saw it go and
+	PostgreSQL no longer lists it."""
+	(kill,) = found["kills"]
+	assert kill == {**kill, "alive_before": True, "terminated": True, "client_saw_it": True, "gone": True}, (
+		found
+	)
+
+
+def assert_the_faults_error(found: dict) -> None:
+	"""The case raised the error a terminated backend produces (not, say, an assertion of the script)."""
+	assert found["outcome"] in ("OperationalError", "InterfaceError"), found
+	assert any(text in found["error"] for text in FAULT_ERRORS), found
 
 
 @pytest.mark.parametrize(
@@ -185,21 +257,26 @@ def results():
 	],
 )
 def test_a_statement_after_the_first_is_never_retried(results, case):
-	outcome, committed = results[case]
-	assert outcome != "ok", f"{case}: the write went through on a new connection (silent data loss)"
+	found = results[case]
+	assert_the_fault_landed(found)
+	# raised, with the kill's own error: the write did not go through on a new connection (silent data loss)
+	assert_the_faults_error(found)
 	# only what was committed before the kill
 	expected = 1 if case in ("kill after a commit", "COMMIT AND CHAIN then kill") else 0
-	assert committed == expected
+	assert found["rows"] == expected
 
 
 def test_a_first_statement_killed_while_running_is_not_run_again(results):
-	outcome, seconds = results["first statement killed while running"]
-	assert outcome != "ok" and seconds < 2.5  # raised at the kill, not re-run for another 3 s
+	found = results["first statement killed while running"]
+	assert_the_fault_landed(found)
+	assert_the_faults_error(found)  # raised at the kill
+	assert found["runs"] == 1  # the statement's nextval ran once: it was not sent again
 
 
 def test_a_lost_snapshot_is_never_replaced_silently(results):
-	outcome, _ = results["REPEATABLE READ snapshot then kill"]
-	assert outcome != "ok"
+	found = results["REPEATABLE READ snapshot then kill"]
+	assert_the_fault_landed(found)
+	assert_the_faults_error(found)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +289,9 @@ def test_a_lost_snapshot_is_never_replaced_silently(results):
 	],
 )
 def test_a_connection_dead_before_its_first_statement_is_replaced(results, case):
-	assert results[case] == ["ok", 1]
+	found = results[case]
+	assert_the_fault_landed(found)  # the connection handed out was dead ...
+	assert found["outcome"] == "ok" and found["rows"] == 1, found  # ... and the statement went through
 
 
 def test_a_reconnect_without_close_gives_the_old_connection_back(results):
