@@ -112,6 +112,7 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		self.scheduler_thread = scheduler
 		self.jobs_done = 0
 		self.recycled: str | None = None  # why the worker stopped to be replaced: "max_jobs" or "memory"
+		self.signalled = False  # stopped by SIGTERM / SIGINT: never respawned
 		self.rss_start = 0
 		self._job = None  # (job, queue, monotonic start) while a job runs
 		self._exc: BaseException | None = None  # what the running job raised (handle_exception)
@@ -211,6 +212,10 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 			registry.close_site(site)
 
 	# -- signals ----------------------------------------------------------------------------------
+
+	def request_stop(self, signum, frame):
+		self.signalled = True
+		return super().request_stop(signum, frame)
 
 	def request_force_stop(self, signum, frame):
 		self._forced.set()
@@ -352,7 +357,7 @@ def start_worker(
 		date_format="%Y-%m-%d %H:%M:%S",
 		log_format="%(asctime)s,%(msecs)03d %(message)s",
 	)
-	if respawn and worker.recycled:
+	if respawn and worker.recycled and not worker.signalled:
 		_respawn()
 	return worker
 
