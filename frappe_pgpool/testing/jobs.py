@@ -34,7 +34,14 @@ def backend() -> dict:
 def insert_and_read(tag: str, n: int = 0) -> dict:
 	"""The benchmark's short job: insert a ToDo, read it back."""
 	doc = frappe.get_doc({"doctype": "ToDo", "description": f"{tag}:{n}"}).insert(ignore_permissions=True)
-	return {"name": doc.name, "read": frappe.db.get_value("ToDo", doc.name, "description")}
+	read = frappe.db.get_value("ToDo", doc.name, "description")
+	return {"name": doc.name, "read": read, "pid": os.getpid(), "rss": _rss()}
+
+
+def _rss() -> int:
+	"""This process's resident set size in bytes (/proc/self/statm)."""
+	with open("/proc/self/statm", "rb") as f:
+		return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def sleep_in_query(seconds: float, marker: str | None = None) -> None:
