@@ -1,4 +1,4 @@
-"""bench commands: `bench --site S pgpool status` and `bench --site S pgpool doctor`."""
+"""bench commands: `bench --site S pgpool status`, `bench --site S pgpool doctor`, `bench pgpool worker`."""
 
 from __future__ import annotations
 
@@ -191,6 +191,60 @@ def _connector(host, port, dbname, user, password):
 		)
 
 	return connect
+
+
+@pgpool.command("worker")
+@click.option("--queue", type=str, help="Queues to work on, comma separated (default: all, as bench worker).")
+@click.option("--quiet", is_flag=True, default=False, help="Log warnings and errors only.")
+@click.option("--burst", is_flag=True, default=False, help="Run the queued jobs, then exit.")
+@click.option(
+	"--max-jobs",
+	type=int,
+	default=1000,
+	show_default=True,
+	help="Recycle the process after this many jobs (+-10%% jitter); 0: never.",
+)
+@click.option(
+	"--max-memory",
+	type=int,
+	default=1024,
+	show_default=True,
+	help="Recycle the process after a job that leaves its RSS above this many MB; 0: never.",
+)
+@click.option(
+	"--respawn",
+	is_flag=True,
+	default=False,
+	help="On recycling, replace the process by a fresh one (exec, same pid) instead of exiting 0 for the "
+	"supervisor to restart it (for bench start's Procfile, or a Kubernetes container).",
+)
+@click.option(
+	"--no-scheduler",
+	is_flag=True,
+	default=False,
+	help="Do not run Frappe's scheduler in a thread of the worker (one per bench runs it anyway).",
+)
+@click.option(
+	"--process-budget",
+	type=click.IntRange(1, 1000),
+	help="Connections this process keeps across all sites (db_pool_process_budget for this worker only; "
+	"default: the config's, auto = one, as a forking worker has open). Set it to the number of sites the "
+	"worker serves to log in once per site; each kept connection holds a pgBouncer server (session mode).",
+)
+def worker(queue, quiet, burst, max_jobs, max_memory, respawn, no_scheduler, process_budget) -> None:
+	"""Run background jobs in this process (no fork per job): the pool keeps each site's connection."""
+	from frappe_pgpool.worker import start_worker
+
+	start_worker(
+		queue=queue,
+		quiet=quiet,
+		burst=burst,
+		max_jobs=max_jobs or None,
+		max_memory_mb=max_memory or None,
+		scheduler=not no_scheduler,
+		respawn=respawn,
+		process_budget=process_budget,
+	)
 
 
 commands = [pgpool]
