@@ -47,6 +47,20 @@ COUNTERS = (
 	"budget_timeouts",
 )
 COUNTERS_BY_REASON = ("closed", "evictions")
+# The figures of a budget snapshot that add up over a process's two budgets (PoolRegistry.snapshot)
+TOTALS = (
+	"open",
+	"in_use",
+	"idle",
+	"active",
+	"waiting",
+	"pools",
+	"evictions",
+	"budget_waits",
+	"budget_timeouts",
+	"budget_overdrafts",
+	"not_reused",
+)
 
 
 def add_counters(total: dict, snapshot: dict) -> dict:
@@ -261,14 +275,19 @@ class PoolRegistry:
 					budget.dispatch()
 
 	def snapshot(self) -> dict[str, object]:
-		"""The process-wide figures: budget setting and limit, connections open, checkouts, evictions; with
-		transaction-mode pools, their client budget's under "clients"."""
+		"""The process-wide figures: budget setting, limit and peak (db_pool_process_budget's), connections
+		open, in use, idle, checkouts, evictions of the whole process; with transaction-mode pools, their
+		client budget's own figures under "clients" (its connections are in the totals too)."""
 		self._check_pid()
 		with self._budget.lock:
 			snapshot = self._budget.snapshot()
 		with self._clients.lock:
-			if self._clients.pools or self._clients.open:
-				snapshot["clients"] = self._clients.snapshot()
+			if not (self._clients.pools or self._clients.open or self._clients.evictions):
+				return snapshot
+			clients = self._clients.snapshot()
+		for name in TOTALS:
+			snapshot[name] += clients[name]
+		snapshot["clients"] = clients
 		return snapshot
 
 	def budget_of(self, config: PoolConfig) -> ProcessBudget:
