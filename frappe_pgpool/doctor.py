@@ -530,11 +530,13 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 				"connected, idle or not, so all the bench's pooled clients must fit (pool size, below)",
 			)
 		)
+	pooled_by_mode: dict[str, list[Site]] = {}  # one finding per mode, not per pool (a bench may have 500)
 	for key, members in pools.items():
 		if modes[key] != "session":
-			findings.append(_pool_mode(members, modes[key]))
+			pooled_by_mode.setdefault(modes[key], []).extend(members)
 		else:
 			findings += _no_session_reset(members, f"pgBouncer {b.address} runs them in session mode")
+	findings += [_pool_mode(members, mode) for mode, members in pooled_by_mode.items()]
 	findings += _pool_sizes(bench, b, pools, modes)
 	findings += _server_caps(bench, b, pools, modes)
 	findings += _client_caps(bench, b, pools)
