@@ -317,16 +317,13 @@ def sql(wrapped, instance, args, kwargs):
 			raise
 		log.warning("frappe_pgpool: a pooled connection died before its first statement ran; retrying once")
 		_give_back(instance, dead, discard=True)
-		try:
-			return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
-		finally:
-			if custom and state.get("_conn") is not None:
-				registry.mark(state["_conn"], "custom_setting")
+		return wrapped(*args, **kwargs)  # Frappe's sql() connects again, through the pool
 	finally:
 		if conn is None and state.get("_pgpool_statements") == 0:
 			state["_pgpool_statements"] = 1  # the statement of the call that connected
-		# whatever the count: a nested sql() inside connect() (v15's SET LOCAL statement_timeout) moves it
-		if custom and conn is None and state.get("_pgpool_statements") is not None:
+		# the connection this call opened, or the retry's: marked whatever the statement count (a nested sql()
+		# inside connect(), v15's SET LOCAL statement_timeout, moves it); a connection not pooled is ignored
+		if custom and state.get("_conn") is not None:
 			registry.mark(state["_conn"], "custom_setting")
 
 
