@@ -160,8 +160,9 @@ def test_finalizer_queued_while_the_process_is_quiet_is_drained_by_the_reaper(bo
 	conn = reg.getconn(key, config, frappe_like_factory(bouncer))
 	frappe_layer._abandoned(conn)  # what the finalizer does, from wherever the GC happens to run
 	try:
-		wait_for(lambda: reg.pool(key, config).snapshot()["in_use"] == 0, 3)
-		assert conn.closed and reg.pool(key, config).snapshot()["closed"] == {"discarded": 1}
+		# the reaper counts the slot free under the lock and closes the socket after it: wait for both
+		wait_for(lambda: conn.closed and reg.pool(key, config).snapshot()["in_use"] == 0, 3)
+		assert reg.pool(key, config).snapshot()["closed"] == {"discarded": 1}
 	finally:
 		reg.close_all()
 
