@@ -25,6 +25,7 @@ sites at the end unless --keep-sites. About 20 minutes with the defaults on 2 co
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -33,9 +34,12 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg2
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from frappe_pgpool import doctor  # noqa: E402
 from frappe_pgpool.pool.config import PoolConfig  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE, bench_problem, run_in_bench  # noqa: E402
@@ -168,6 +172,63 @@ def engine_counters(site_names: set[str]) -> dict:
 	return {"hits": hits, "misses": misses, "evictions": evictions, "budgets": budgets}
 
 
+def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers: str) -> int | None:
+	"""The most servers `bench pgpool doctor` says the row's pgBouncer may open for its sites (its real
+	settings, read from the admin console; this shape's processes: gunicorn workers, no job process)."""
+	if bouncer is None:
+		return None
+	n_workers, threads, _ = WORKERS[workers]
+	at = doctor.address(bouncer.host, bouncer.port)
+	config = PoolConfig(enabled=pool == "on", **transaction_mode_config())
+	by_name = {q.name: q for q in quick}
+	sites = [
+		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", "auto")
+		for name in members
+	]
+	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
+
+	def admin():
+		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
+
+	try:
+		return doctor.Bouncer.read(at, admin).opened(bench, sites)
+	except psycopg2.Error:
+		return None
+
+
+def idle_backend_memory(dbs: set[str]) -> dict | None:
+	"""Memory of the idle PostgreSQL backends of these databases now (the servers pgBouncer keeps after
+	serving Frappe requests): count, and per backend the mean Pss and private (clean + dirty) KiB from
+	/proc/<pid>/smaps_rollup (needs the right to read PostgreSQL's processes: root, or its user)."""
+	rows = upstream().query(
+		"SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s) AND state = 'idle' "
+		"AND backend_type = 'client backend'",
+		(sorted(dbs),),
+	)
+	pss, private = [], []
+	for (pid,) in rows:
+		try:
+			text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+		except OSError:
+			continue
+		kib = {
+			line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:] if line.endswith("kB")
+		}
+		pss.append(kib.get("Pss", 0))
+		private.append(kib.get("Private_Clean", 0) + kib.get("Private_Dirty", 0))
+	if not pss:
+		return None
+	return {"n": len(pss), "pss_kib": sum(pss) / len(pss), "private_kib": sum(private) / len(private)}
+
+
+def transaction_mode_config() -> dict:
+	"""transaction_mode_settings() as PoolConfig fields (empty outside transaction mode rows)."""
+	return {k.removeprefix("db_pool_"): v for k, v in _TX_NOW.items()}
+
+
+_TX_NOW: dict = {}  # the transaction-mode settings the current rows run with
+
+
 def code_version() -> str:
 	"""The commit measured, and whether frappe_pgpool/ differs from it (a tree hash names its content)."""
 	import subprocess
@@ -212,7 +273,15 @@ class Run:
 		n_workers, threads, clients = WORKERS[workers]
 		set_site_config(self.all_sites, db_pool_enabled=int(pool == "on"))
 		with Gunicorn(workers=n_workers, threads=threads) as web:
-			load(web, plan(sites, "uniform", args.warmup, 7, 0), clients)  # warm-up
+			warm = plan(sites, "uniform", args.warmup, 7, 0)
+			# --warmup-cover: every site in turn, that many times per worker (each worker sees each site), then
+			# the --warmup pings with the row's own traffic (a Zipf row's busy sites get their concurrency)
+			if args.warmup_cover:
+				turns = args.warmup_cover * n_workers * len(sites)
+				warm = list(itertools.islice(itertools.cycle(sites), turns))
+				warm += plan(sites, "zipf" if traffic == "zipf" else "uniform", args.warmup, 7, args.zipf)
+			load(web, warm, clients)  # warm-up
+			predicted = doctor_servers(bouncer, self.quick, sites, pool, workers)
 			logins0 = logins(bouncer, dbs) if bouncer else None
 			sessions0 = backend_sessions(dbs)
 			cpu0 = worker_cpu(web)
@@ -225,6 +294,7 @@ class Run:
 			latencies, errors, elapsed = load(web, calls, clients)
 			window = (window, time.time())
 			samples = sampler.stop()
+			memory = idle_backend_memory(dbs) if pool == "on" else None
 			cpu = worker_cpu(web) - cpu0
 			sessions = backend_sessions(dbs) - sessions0
 			login_count = logins(bouncer, dbs) - logins0 if bouncer else sessions
@@ -271,6 +341,8 @@ class Run:
 			else None,
 			"peak_cl_waiting": max((s.get("cl_waiting", 0) for s in samples), default=0) if bouncer else None,
 			"peak_backends": max((s["backends"] for s in samples), default=0),
+			"doctor_servers": predicted,
+			"idle_backend_memory": memory,
 			"peak_backends_all": max((s["backends_all"] for s in samples), default=0),
 			"peak_clients_per_process": max(
 				[*(max(s.get("sockets_by_pid", {}).values(), default=0) for s in samples), 0]
@@ -289,7 +361,11 @@ class Run:
 		"""One row on a fresh pgBouncer in `placement` mode (or straight to PostgreSQL)."""
 		bouncer = None
 		if placement != "direct":
-			settings = {"default_pool_size": self.args.pool_size, **(bouncer_settings or {})}
+			settings = {
+				"default_pool_size": self.args.pool_size,
+				**dict(self.args.bouncer),
+				**(bouncer_settings or {}),
+			}
 			bouncer = start_bouncer(quick, placement, **settings)
 			point_at(self.all_sites, bouncer.host, bouncer.port)
 		else:
@@ -315,7 +391,12 @@ class Run:
 		print(
 			f"frappe_pgpool {self.version}; making {len(self.all_sites)} quick sites from {SITE}", flush=True
 		)
+		cells = [tuple(c.split(":", 1)) for c in args.cells] if args.cells else list(CELLS)
+		if not any(shape == "shared" for shape, _ in cells):
+			shared = []
+			self.all_sites = own
 		quick = make_quick_sites(BENCH, SITE, own) + make_shared_sites(shared, args.group, "grp")
+		self.quick = quick
 		by_name = {q.name: q for q in quick}
 		print(f"quick sites ready in {time.monotonic() - t0:.1f}s", flush=True)
 		shapes = {"own": own, "shared": shared, "single": own[:1]}
@@ -324,10 +405,12 @@ class Run:
 			with configs_restored(self.all_sites):
 				for placement in args.placements:
 					set_common_config(**tx_keys)
+					_TX_NOW.clear()
 					if placement == "transaction":
 						set_common_config(**transaction_mode_settings())
+						_TX_NOW.update(transaction_mode_settings())
 					for workers in args.workers:
-						for shape, traffic in CELLS:
+						for shape, traffic in cells:
 							members = shapes[shape]
 							dbs = {by_name[s].db_name for s in members}
 							kind = "zipf" if traffic == "zipf" else "uniform"
@@ -451,6 +534,11 @@ def summary(rows: list[dict]) -> list[dict]:
 				"peak_servers": peak("peak_servers"),
 				"peak_cl_waiting": peak("peak_cl_waiting"),
 				"peak_backends": peak("peak_backends"),
+				"doctor_servers": peak("doctor_servers") if "doctor_servers" in first else None,
+				"idle_backend_memory": next(
+					(m["idle_backend_memory"] for m in reversed(members) if m.get("idle_backend_memory")),
+					None,
+				),
 				"peak_clients_per_process": peak("peak_clients_per_process"),
 				"worker_cpu_ms": mean("worker_cpu_ms"),
 				"engine": next((m["engine"] for m in reversed(members) if m["engine"]), None),
@@ -506,8 +594,10 @@ def _opt(value, fmt: str = "{}") -> str:
 def _budgets(engine: dict | None) -> str:
 	if not engine or not engine["budgets"]:
 		return "-"
+	# a process's transaction-mode pools share its client budget (db_pool_process_clients): shown where used
 	return " ".join(
-		"/".join(str(b.get(k, "?")) for k in ("open", "limit", "peak")) for b in engine["budgets"].values()
+		"/".join(str(b.get("clients", b).get(k, "?")) for k in ("open", "limit", "peak"))
+		for b in engine["budgets"].values()
 	)
 
 
@@ -540,13 +630,15 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		"understates the pool-off peak, which is one per running request); `per proc` = most TCP "
 		"connections to pgBouncer (`direct`: to PostgreSQL) one worker held at once in the samples (/proc); `logins` = "
 		"pgBouncer client logins per 1000 pings (`direct`: new backends, from pg_stat_database.sessions); "
-		"`hit` = 1 - new pooled connections / requests. The load generator is closed-loop Python on the same "
+		"`hit` = 1 - new pooled connections / requests; `doctor` = the most servers `bench pgpool doctor` "
+		"says the row's pgBouncer may open for its sites, from its real settings (this shape's gunicorn "
+		"workers, no job process). The load generator is closed-loop Python on the same "
 		"cores: it coordinates with the server (tails under overload are understated), it sees nothing "
 		"between two samples, and its CPU competes with the workers'.",
 		"",
 		"| placement | workers | shape | traffic | pool | req/s (rounds) | p50 ms | p95 ms | p99 ms | errors | "
-		"logins/1000 | hit | clients | per proc | servers | cl_waiting | backends | worker CPU ms/req |",
-		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+		"logins/1000 | hit | clients | per proc | servers | doctor | cl_waiting | backends | worker CPU ms/req |",
+		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 	]
 	for r in merged:
 		name = r["pool"] if r["variant"] == "default" else f"on, {r['variant']}"
@@ -556,7 +648,8 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 			f"{r['rps']:.0f} ({rounds}) | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | "
 			f"{r['logins'] * 1000 / r['requests']:.0f} | {_opt(r['hit_rate'], '{:.0%}')} | "
 			f"{_opt(r['peak_clients'])} | {r['peak_clients_per_process']} | {_opt(r['peak_servers'])} | "
-			f"{_opt(r['peak_cl_waiting'])} | {r['peak_backends']} | {r['worker_cpu_ms']:.2f} |"
+			f"{_opt(r.get('doctor_servers'))} | {_opt(r['peak_cl_waiting'])} | {r['peak_backends']} | "
+			f"{r['worker_cpu_ms']:.2f} |"
 		)
 	offs = {cell_key(r): r for r in merged if r["pool"] == "off"}
 	ons = [r for r in merged if r["pool"] == "on" and cell_key(r) in offs]
@@ -614,12 +707,29 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 				f"p95 x{on['p95'] / off['p95']:.2f}, paired {ratio_text(p95_paired)}"
 			)
 		plain = plain_peak.get((on["placement"], on["workers"]))
-		if on["peak_servers"] is not None and plain is not None and on["peak_servers"] > plain:
+		if (
+			on["placement"] != "transaction"
+			and on["peak_servers"] is not None
+			and plain is not None
+			and on["peak_servers"] > plain
+		):
 			worse.append(f"pgBouncer servers {on['peak_servers']}, plain Frappe's peak {plain}")
 		if on["placement"] == "direct" and on["peak_backends"] > WORKERS[on["workers"]][2]:
 			worse.append(f"backends {on['peak_backends']} > {WORKERS[on['workers']][2]} requests in flight")
 		if on["traffic"] == "zipf" and share is not None and share < 0.5:
 			worse.append(f"{share:.0%} of the single-site gain")
+		if on["placement"] == "transaction" and on["shape"] != "single":
+			# issue 24's goal: many tenants at single-site speed behind a transaction pooler
+			if not rps_paired or rps_paired[0] < 2.5:
+				worse.append(f"req/s paired {ratio_text(rps_paired)} < x2.5")
+			if not p95_paired or p95_paired[0] > 0.5:
+				worse.append(f"p95 paired {ratio_text(p95_paired)} > x0.5")
+			if on["logins"]:
+				worse.append(f"{on['logins']} logins after warm-up")
+		predicted = on.get("doctor_servers")
+		for name in ("peak_servers", "peak_backends"):
+			if predicted is not None and on[name] is not None and on[name] > predicted:
+				worse.append(f"{name} {on[name]} > doctor's {predicted}")
 		cell = f"- {on['placement']}, {on['workers']}, {on['shape']}, {on['traffic']}: "
 		if worse:
 			verdicts.append(cell + "; ".join(worse))
@@ -631,7 +741,10 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 		"",
 		"Slower req/s or a higher p95 only where the paired rounds' 95% interval lies beyond 1 (a difference "
 		"beyond the noise of this shared machine); servers against plain Frappe's peak for the same placement "
-		"and workers over all its rows (one per request in flight); the share of the single-site gain.",
+		"and workers over all its rows (one per request in flight; in transaction mode pgBouncer's settings bound "
+		"them instead: servers and backends against doctor's prediction); the share of the single-site gain; "
+		"in transaction mode, many sites: req/s at least x2.5 and p95 at most x0.5 (paired), no login after "
+		"the warm-up.",
 		"",
 	]
 	lines += verdicts or ["- none: every pooled row is at least as good as its pool-off row"]
@@ -676,6 +789,21 @@ def render(merged: list[dict], args, seconds: float, version: str = "") -> str:
 				f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {name} | {e['hits']} | "
 				f"{e['misses']} | {evictions} | {_budgets(e)} |"
 			)
+	memory = [r for r in merged if r.get("idle_backend_memory")]
+	if memory:
+		lines += [
+			"",
+			"## Idle PostgreSQL backends kept by pgBouncer after the pooled rows (/proc/<pid>/smaps_rollup)",
+			"",
+			"| placement | workers | shape | traffic | idle backends | Pss KiB each | private KiB each |",
+			"|---|---|---|---|---|---|---|",
+		]
+		for r in memory:
+			m = r["idle_backend_memory"]
+			lines.append(
+				f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {m['n']} | "
+				f"{m['pss_kib']:.0f} | {m['private_kib']:.0f} |"
+			)
 	lines += ["", f"![plot]({args.name}.png) (drawn by `benchmarks/plot.py`)"]
 	return "\n".join(lines) + "\n"
 
@@ -694,6 +822,26 @@ def main() -> int:
 	parser.add_argument("--sample", type=float, default=0.25, help="seconds between samples")
 	parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
 	parser.add_argument("--workers", nargs="+", default=list(WORKERS), choices=list(WORKERS))
+	parser.add_argument(
+		"--cells",
+		nargs="+",
+		choices=[f"{shape}:{traffic}" for shape, traffic in CELLS],
+		help="shape:traffic cells to run (default: all)",
+	)
+	parser.add_argument(
+		"--bouncer",
+		nargs="+",
+		default=[],
+		type=lambda kv: tuple(kv.split("=", 1)),
+		metavar="KEY=VALUE",
+		help="more pgBouncer settings (e.g. max_db_connections=4 server_idle_timeout=60)",
+	)
+	parser.add_argument(
+		"--warmup-cover",
+		type=int,
+		default=0,
+		help="warm up with every site in turn, N x workers times (instead of --warmup random pings)",
+	)
 	parser.add_argument("--quick", action="store_true", help="a small run to try the harness")
 	parser.add_argument("--keep-sites", action="store_true")
 	parser.add_argument(

@@ -28,7 +28,7 @@ import psycopg2
 import psycopg2.extensions
 
 from .pool import ConfigError, PoolConfig
-from .pool.config import parse_process_budget
+from .pool.config import parse_process_budget, parse_process_clients
 from .publish import redacted
 
 Connect = Callable[[], Any]
@@ -48,10 +48,20 @@ class Site:
 	# frappe_pgpool without one (each pool then keeps up to min(threads, db_pool_size) on its own, and opens
 	# up to threads at once)
 	process_budget: object = None
+	# db_pool_process_clients as its processes apply it ("auto", a whole number), or None for a
+	# frappe_pgpool without it (its transaction-mode pools then share db_pool_process_budget)
+	process_clients: object = None
 
 	@property
 	def pooled(self) -> bool:
 		return bool(self.config.enabled)
+
+	@property
+	def client_budgeted(self) -> bool:
+		"""Pooled in transaction mode under the client budget: kept connections are pgBouncer clients."""
+		return (
+			self.pooled and self.config.pgbouncer_mode == "transaction" and self.process_clients is not None
+		)
 
 
 @dataclass(frozen=True)
@@ -263,6 +273,20 @@ def process_budget(sites: Iterable[Site], concurrency: int, override: object = N
 	return max(limits)
 
 
+def process_clients(sites: Iterable[Site], concurrency: int) -> int | None:
+	"""Most clients a process with `concurrency` threads keeps open across its transaction-mode sites, or
+	None: db_pool_process_clients ("auto": 100), or its peak of checkouts if higher; the largest of the sites'
+	values (a process applies the value of the site it serves)."""
+	limits = []
+	for s in sites:
+		if s.client_budgeted:
+			try:
+				limits.append(parse_process_clients(s.process_clients))
+			except ConfigError:
+				limits.append(parse_process_clients(None))  # the process logs it and applies auto
+	return max(concurrency, *limits) if limits else None
+
+
 @dataclass(frozen=True)
 class Demand:
 	"""Connections the bench's processes can hold at once for some of its sites."""
@@ -293,14 +317,21 @@ def demand(bench: Bench, sites: Sequence[Site], budget: object = None, active: b
 	held = []
 	for concurrency in (bench.threads, 1):
 		pooled = [s for s in sites if s.pooled]
-		kept = [min(concurrency, s.config.size) for s in pooled]
-		count = sum(kept) + (concurrency - min(kept) if kept else 0)
+		sizes = [min(concurrency, s.config.size) for s in pooled]
+		# beyond a site's db_pool_size a process opens connections it does not keep: at worst all its threads
+		# on the site that keeps fewest, beside what the others keep
+		over = concurrency - min(sizes) if sizes else 0
+		# transaction-mode sites under the client budget (db_pool_process_clients) and the others
+		count = sum(min(concurrency, s.config.size) for s in pooled if not s.client_budgeted) + over
+		kept = sum(min(concurrency, s.config.size) for s in pooled if s.client_budgeted)
 		plain = concurrency if len(pooled) < len(sites) else 0
 		if active:
-			count = min(concurrency, count + plain)
+			count = min(concurrency, count + kept + plain)
 		else:
 			limit = process_budget(bench.sites, concurrency, budget)
+			clients = process_clients(bench.sites, concurrency)
 			count = (count if limit is None else min(count, limit)) + plain
+			count += kept if clients is None else min(kept, clients)
 		held.append(count)
 	return Demand(bench, *held)
 
@@ -313,6 +344,22 @@ def _with_auto_budget(bench: Bench, sites: Sequence[Site], current: Demand) -> s
 	return (
 		"set db_pool_process_budget to auto (a process then keeps at most one connection per thread across "
 		f"all sites: {auto.text})"
+	)
+
+
+def _with_fewer_clients(bench: Bench, sites: Sequence[Site], cap: int) -> str:
+	"""The fix clause db_pool_process_clients offers to fit `cap` clients, or ''."""
+	kept = [s for s in sites if s.client_budgeted]
+	if not kept:
+		return ""
+	processes = bench.web + bench.jobs
+	rest = demand(bench, [s for s in sites if not s.client_budgeted])
+	per = (cap - rest.total) // processes
+	if per < max(1, bench.threads):
+		return ""
+	return (
+		f"set db_pool_process_clients to {per} in common_site_config.json ({processes} processes x {per} "
+		"kept clients at most; a site beyond them logs in per request, as plain Frappe)"
 	)
 
 
@@ -424,15 +471,51 @@ class Bouncer:
 	def max_user_clients(self, user: str) -> int:
 		return self._cap(self._user(user), "max_user_client_connections", "max_user_client_connections")
 
-	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None) -> int:
-		"""Most server connections this pgBouncer's pools may open for `sites`."""
-		total = 0
-		for (db, user), members in _group(sites, _pool_key).items():
-			active = self.mode(db, user) != "session"
-			total += min(
-				self.size(db, user) + self.reserve(db, user), demand(bench, members, budget, active).total
-			)
-		return min(total, demand(bench, sites, budget).total)
+	def min_pool(self, dbname: str, user: str = "") -> int:
+		"""min_pool_size: servers pgBouncer keeps open in a pool even when idle (SHOW DATABASES has the
+		database's own where it has one)."""
+		override = self._user_override(user, "min_pool_size")
+		if override is not None:
+			return override
+		value = self._db(dbname).get("min_pool_size")
+		return int(_number(value)) or int(_number(self.settings.get("min_pool_size")))
+
+	def pool_servers(
+		self, bench: Bench, members: Sequence[Site], db: str, user: str, budget: object = None
+	) -> int:
+		"""Most server connections one (database, user) pool may hold, its database and user caps aside.
+
+		Session mode: one per client, at most pool_size + reserve. Transaction mode: one per transaction in
+		flight for its sites, at most pool_size + reserve, and a server lent once stays in the pool, idle,
+		until server_idle_timeout (plain Frappe's disconnect inside its transaction makes pgBouncer drop
+		it; a kept client's rollback gives it back): so the pool keeps the most it ever needed at once
+		within that time, and at least min_pool_size."""
+		size = self.size(db, user) + self.reserve(db, user)
+		if self.mode(db, user) == "session":
+			return min(size, demand(bench, members, budget).total)
+		busy = min(size, demand(bench, members, budget, active=True).total)
+		return max(busy, min(size, self.min_pool(db, user)))
+
+	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
+		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
+		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
+		pools of pooled sites keep servers no client holds (see pool_servers): the others' together are at
+		most the clients the bench holds for them."""
+		pools = _group(sites, _pool_key)
+		per = {key: self.pool_servers(bench, members, *key, budget) for key, members in pools.items()}
+		linger = {k for k in per if self.mode(*k) != "session" and any(s.pooled for s in pools[k])}
+		held = [k for k in per if k not in linger]
+		total = min(
+			sum(per[k] for k in held), demand(bench, [s for k in held for s in pools[k]], budget).total
+		)
+		total += sum(per[k] for k in linger)
+		if capped:
+			for index, cap_of in ((0, self.max_db), (1, self.max_user)):
+				by_axis: dict[str, int] = {}
+				for key, n in per.items():
+					by_axis[key[index]] = by_axis.get(key[index], 0) + n
+				total = min(total, sum(min(n, cap_of(name) or n) for name, n in by_axis.items()))
+		return total
 
 
 ADMIN_FIX = (
@@ -455,11 +538,13 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 				"connected, idle or not, so all the bench's pooled clients must fit (pool size, below)",
 			)
 		)
+	pooled_by_mode: dict[str, list[Site]] = {}  # one finding per mode, not per pool (a bench may have 500)
 	for key, members in pools.items():
 		if modes[key] != "session":
-			findings.append(_pool_mode(members, modes[key]))
+			pooled_by_mode.setdefault(modes[key], []).extend(members)
 		else:
 			findings += _no_session_reset(members, f"pgBouncer {b.address} runs them in session mode")
+	findings += [_pool_mode(members, mode) for mode, members in pooled_by_mode.items()]
 	findings += _pool_sizes(bench, b, pools, modes)
 	findings += _server_caps(bench, b, pools, modes)
 	findings += _client_caps(bench, b, pools)
@@ -478,6 +563,7 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 						[
 							f"raise max_client_conn to at least {total.total} plus your other clients",
 							_with_auto_budget(bench, sites, total),
+							_with_fewer_clients(bench, sites, max_client),
 							"lower db_pool_size",
 						],
 					)
@@ -493,6 +579,7 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 			)
 		)
 	findings += _waiting(b, pools)
+	findings += _transaction_servers(bench, b, pools, modes)
 	findings += _idle_timeout(sites, b.settings)
 	findings += _lifetime(sites, b.settings, lambda s: modes[_pool_key(s)])
 	retry = _number(b.settings.get("server_login_retry"))
@@ -611,8 +698,19 @@ def _server_caps(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Fin
 			if not cap:
 				continue
 			members = [s for key in keys for s in pools[key]]
-			opened = b.opened(bench, members)
-			if opened > cap:
+			opened = b.opened(bench, members, capped=False)
+			if opened > cap and all(modes[key] != "session" for key in keys):
+				findings.append(
+					Finding(
+						"warn",
+						setting,
+						f"pgBouncer {axis} {name} ({_names(members)}): up to {opened} transactions at once, but "
+						f"{setting}={cap}: the excess queues in pgBouncer for a server (SHOW POOLS cl_waiting)",
+						f"raise {setting} to {opened} if those waits show, within PostgreSQL's max_connections "
+						"(see max_connections)",
+					)
+				)
+			elif opened > cap:
 				findings.append(
 					Finding(
 						"error",
@@ -652,6 +750,7 @@ def _client_caps(bench: Bench, b: Bouncer, pools: dict) -> list[Finding]:
 								[
 									f"raise {setting} to at least {clients.total}",
 									_with_auto_budget(bench, members, clients),
+									_with_fewer_clients(bench, members, cap),
 									"lower db_pool_size",
 								],
 							)
@@ -659,6 +758,36 @@ def _client_caps(bench: Bench, b: Bouncer, pools: dict) -> list[Finding]:
 					)
 				)
 	return findings
+
+
+def _transaction_servers(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> list[Finding]:
+	"""What the transaction-mode pools keep open on PostgreSQL: a server lent to a kept client comes back
+	to its pool idle (plain Frappe disconnects inside its transaction, so pgBouncer drops that server) and
+	stays until server_idle_timeout, so each pool keeps about the most transactions it ran at once lately.
+	PostgreSQL's side of it is the max_connections check."""
+	kept = [(key, members) for key, members in pools.items() if modes[key] != "session"]
+	kept = [(key, members) for key, members in kept if any(s.client_budgeted for s in members)]
+	if not kept:
+		return []
+	idle = _number(b.settings.get("server_idle_timeout", 600))
+	sites = [s for _, members in kept for s in members]
+	most = b.opened(bench, sites)
+	per = sorted({b.pool_servers(bench, members, *key) for key, members in kept})
+	shown = f"{per[0]}" if len(per) == 1 else f"{per[0]} to {per[-1]}"
+	after = f"server_idle_timeout={idle:g}s" if idle else "never (server_idle_timeout=0)"
+	return [
+		Finding(
+			"warn" if not idle else "ok",
+			"server_idle_timeout",
+			f"{_plural(len(kept), 'pool')} in transaction mode with kept clients ({_names(sites)}): each keeps "
+			f"the servers it needed at once, {shown} at most (pool_size + reserve, transactions in flight, "
+			f"min_pool_size), idle ones until {after}: up to {most} servers in all (max_db_connections and "
+			"max_user_connections applied); a quiet site's go when it stays quiet that long",
+			""
+			if idle
+			else "set server_idle_timeout (e.g. 60) so that the servers of sites gone quiet are closed",
+		)
+	]
 
 
 def _waiting(b: Bouncer, pools: dict) -> list[Finding]:
@@ -955,6 +1084,7 @@ def _check_servers(
 				f"across all sites: up to {auto})"
 			)
 		if via_bouncer:
+			fixes += _transaction_server_fixes(bench, bouncers, of_site, identity, server, total)
 			fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
 		if direct:
 			fixes.append("put pgBouncer in front of the sites (see pool_mode)")
@@ -1001,6 +1131,47 @@ def _check_servers(
 				)
 			)
 	return checked, findings
+
+
+def _transaction_server_fixes(
+	bench: Bench,
+	bouncers: dict[str, Bouncer],
+	of_site: dict[str, str],
+	identity: str,
+	server: Server,
+	total: int,
+) -> list[str]:
+	"""What to set so that the transaction-mode pools' servers fit the server: a per-pool cap, or, when
+	not even one server per pool fits, that no pgBouncer setting does."""
+	pools = 0
+	kept = 0
+	idle = []
+	for addr, b in bouncers.items():
+		members = [s for s in bench.sites if of_site.get(s.name) == identity and s.address == addr]
+		tx = {key: m for key, m in _group(members, _pool_key).items() if b.mode(*key) != "session"}
+		if tx:
+			pools += len(tx)
+			kept += b.opened(bench, [s for m in tx.values() for s in m])
+			idle.append(_number(b.settings.get("server_idle_timeout", 600)))
+	if not pools:
+		return []
+	room = server.limit - (total - kept)  # what the rest of the bench leaves for these pools
+	each = room // pools
+	if each >= 1:
+		return [
+			f"cap each of the {pools} transaction-mode pools at {each} servers: default_pool_size={each} "
+			f"and reserve_pool_size=0, or max_db_connections={each} (a database per site) or "
+			f"max_user_connections={each} (a user per site), so that {pools} x {each} = {pools * each} fit "
+			f"the {room} backends left; their busy sites' transactions queue in pgBouncer beyond it"
+		]
+	need = pools + (total - kept) + server.superuser_reserved + server.reserved
+	return [
+		f"no pgBouncer setting fits: {pools} transaction-mode pools keep at least one server each while their "
+		f"sites are busy (idle ones until server_idle_timeout={max(idle):g}s), and PostgreSQL leaves them "
+		f"{room}: raise max_connections to at least {need} (an idle backend costs a few MiB: see README, "
+		"'Many sites on one bench'), or spread the sites over more PostgreSQL servers, or lower "
+		"server_idle_timeout so that quiet sites' servers go sooner (not a bound: busy sites keep theirs)"
+	]
 
 
 # --- the whole bench ---

@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .pool import ConfigError, PoolClosed, PoolConfig, PoolKey, opening_to_keep, parse_config, registry
-from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY
+from .pool.config import KEY_PREFIX, PROCESS_BUDGET_KEY, PROCESS_CLIENTS_KEY
 from .pool.connection import keepalive_options, may_define_custom_setting
 from .publish import Publisher
 
@@ -84,7 +84,9 @@ def site_pool_config(site: str, conf: Any) -> PoolConfig | None:
 	pool_keys = tuple(
 		key
 		for key in keys
-		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key != PROCESS_BUDGET_KEY
+		if isinstance(key, str)
+		and key.startswith(KEY_PREFIX)
+		and key not in (PROCESS_BUDGET_KEY, PROCESS_CLIENTS_KEY)
 	)
 	fingerprint = repr([conf[key] for key in pool_keys])
 	if cached is not None and cached[1] == pool_keys and cached[2] == fingerprint:
@@ -162,10 +164,13 @@ def get_connection(wrapped, instance, args, kwargs):
 
 	if _kind_checked_in != os.getpid():
 		_note_process_kind()
-	# db_pool_process_budget is process-wide (common_site_config.json): applied at each checkout
-	budget = conf.get("db_pool_process_budget")
+	# db_pool_process_budget and db_pool_process_clients are process-wide (common_site_config.json):
+	# applied at each checkout
+	budget = conf.get(PROCESS_BUDGET_KEY)
 	try:
-		conn = registry.getconn(pool_key(site, instance), config, connect, budget)
+		conn = registry.getconn(
+			pool_key(site, instance), config, connect, budget, conf.get(PROCESS_CLIENTS_KEY)
+		)
 	except PoolClosed:  # switched off by another thread meanwhile (or the process is exiting)
 		instance._pgpool_statements = None
 		return wrapped(*args, **kwargs)

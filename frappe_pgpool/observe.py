@@ -160,8 +160,15 @@ def _budget_cell(report: dict) -> str:
 	budget = report.get("budget")
 	if not isinstance(budget, dict):
 		return "-"
-	cell = "/".join(str(budget.get(k, "?")) for k in ("open", "limit", "peak"))
-	return f"{cell} (auto)" if budget.get("process_budget") == "auto" else cell
+	clients = budget.get("clients") if isinstance(budget.get("clients"), dict) else None
+	own = dict(budget)
+	if clients is not None and isinstance(budget.get("open"), int) and isinstance(clients.get("open"), int):
+		own["open"] = budget["open"] - clients["open"]  # the totals hold the client budget's too
+	cell = "/".join(str(own.get(k, "?")) for k in ("open", "limit", "peak"))
+	cell = f"{cell} (auto)" if budget.get("process_budget") == "auto" else cell
+	if clients is not None:  # transaction-mode pools: kept clients, db_pool_process_clients
+		cell += " + clients " + "/".join(str(clients.get(k, "?")) for k in ("open", "limit"))
+	return cell
 
 
 COLUMNS = (

@@ -94,6 +94,7 @@ def test_an_eviction_never_waits_for_a_server_of_a_saturated_transaction_pool(cl
 		config = PoolConfig(enabled=True, size=1, pgbouncer_mode="transaction")
 		key_b = key_for("app2", site="b.local", bouncer=bouncer)
 		key_a = key_for("app1", site="a.local", bouncer=bouncer)
+		registry.set_process_clients(1)  # transaction-mode pools' budget: one kept client, so A evicts B's
 		conn_b = registry.getconn(key_b, config, frappe_like_factory(bouncer, "app2"), 1)
 		scalar(conn_b, "SELECT 1")
 		registry.putconn(conn_b)
@@ -114,6 +115,7 @@ def test_an_eviction_never_waits_for_a_server_of_a_saturated_transaction_pool(cl
 		assert waiting == 0
 		assert sent == 0
 		registry.putconn(result["conn"])
+		assert registry.pool(key_b, config).snapshot()["evictions"] == {"budget": 1}
 
 
 def test_an_evicted_session_mode_connection_takes_its_server_with_it(cluster, registry):

@@ -149,6 +149,8 @@ def _bench_sites(frappe, checks) -> tuple[list, list]:
 
 	# db_pool_process_budget: "auto" by default where this version has it; without it, no budget
 	default_budget = "auto" if hasattr(pool_config, "PROCESS_BUDGET_KEY") else None
+	# db_pool_process_clients (transaction-mode pools' client budget): likewise
+	default_clients = "auto" if hasattr(pool_config, "PROCESS_CLIENTS_KEY") else None
 	sites, findings = [], []
 	for name in get_sites():
 		conf = frappe.get_site_config(site_path=os.path.join(frappe.local.sites_path, name))
@@ -173,6 +175,7 @@ def _bench_sites(frappe, checks) -> tuple[list, list]:
 				checks.address(host, conf.get("db_port")),
 				_connector(host, conf.get("db_port"), dbname, user, conf.get("db_password")),
 				conf.get("db_pool_process_budget", default_budget),
+				conf.get("db_pool_process_clients", default_clients),
 			)
 		)
 	return sites, findings

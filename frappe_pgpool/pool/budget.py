@@ -10,6 +10,11 @@ pools:
   checkout never waits for it: when every open connection is in use the peak grows by one, exactly as
   plain Frappe would open another connection.
 - a number N: at most N connections; when all N are in use, callers wait in arrival order, across pools.
+- a client budget (`floor`, the registry's budget for pools behind a pgBouncer in transaction mode,
+  db_pool_process_clients): auto with a floor, max(peak, floor). There a kept connection is a pgBouncer
+  client (a few KiB there), not a server: pgBouncer lends a server for one transaction at a time, so
+  keeping a client per site costs no server while it is idle, and the peak rule would only ration clients
+  as if they were servers. A checkout never waits for it either (the peak grows as under auto).
 
 When a connection must be opened and the budget is used up, an idle connection of another pool is closed
 to make room (an eviction, reason "budget"); one in use never is. The one closed is a spare (a pool's older
@@ -113,9 +118,10 @@ class HitWindow:
 
 
 class ProcessBudget:
-	def __init__(self, setting: int | None = None, bounded: bool = True) -> None:
+	def __init__(self, setting: int | None = None, bounded: bool = True, floor: int = 0) -> None:
 		self.lock = threading.Lock()
 		self.setting = setting  # None: auto; else the most connections the process keeps open
+		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (see above)
 		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
 		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
 		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
@@ -146,7 +152,7 @@ class ProcessBudget:
 		"""How many connections the process may keep open now; None: no process-wide limit."""
 		if not self.bounded:
 			return None
-		return self.peak if self.setting is None else self.setting
+		return max(self.peak, self.floor) if self.setting is None else self.setting
 
 	def checkout_started(self, thread: int) -> bool:
 		"""Count a checkout of `thread`; True if that thread already holds one (a nested checkout)."""
@@ -181,6 +187,11 @@ class ProcessBudget:
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
+		if self.floor and not pool.stats.returns:
+			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
+			# ever returned one, could not hit whatever was kept, so they say nothing either (else a bench's
+			# first round over 20 sites would shut the gate it opens in the second)
+			return
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
 		# the pools that returned last could serve this one, not counting those busy again with nothing idle.
@@ -218,7 +229,7 @@ class ProcessBudget:
 	def reuse_min_rate(self) -> float:
 		"""The would-hit rate below which returned connections are closed: higher where each request's
 		connections are all there is to keep (one request at a time under auto, or a budget of 1)."""
-		one_slot = self.limit() == 1 or (self.setting is None and self.thread_peak <= 1)
+		one_slot = self.limit() == 1 or (self.setting is None and self.floor <= 1 and self.thread_peak <= 1)
 		return REUSE_MIN_RATE_ONE_SLOT if one_slot else REUSE_MIN_RATE
 
 	def has_room(self) -> bool:
@@ -295,6 +306,7 @@ class ProcessBudget:
 		pools = list(self.pools)
 		return {
 			"process_budget": "auto" if self.setting is None else self.setting,
+			**({"process_clients": self.floor} if self.floor else {}),
 			"limit": self.limit(),
 			"open": self.open,
 			"in_use": sum(len(p._in_use) for p in pools),

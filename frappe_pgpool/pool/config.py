@@ -27,6 +27,16 @@ KEY_PREFIX = "db_pool_"
 PROCESS_BUDGET_KEY = KEY_PREFIX + "process_budget"
 PROCESS_BUDGET_MAX = 1000
 
+# Process-wide too: the most connections one process keeps open across the pools of sites whose
+# db_pool_pgbouncer_mode is "transaction". There a kept connection is a pgBouncer client, not a server
+# (pgBouncer lends one per transaction), so they are budgeted by what pgBouncer allows clients
+# (max_client_conn, spread over every process of the bench: `bench pgpool doctor` adds them up), not by the
+# process's peak of checkouts. "auto" (the default): DEFAULT_PROCESS_CLIENTS, or the process's peak of
+# checkouts if higher; a number N: max(N, peak). A checkout never waits for it. Idle clients of quiet
+# sites still close after db_pool_max_idle.
+PROCESS_CLIENTS_KEY = KEY_PREFIX + "process_clients"
+DEFAULT_PROCESS_CLIENTS = 100
+
 PGBOUNCER_MODES = ("session", "transaction")
 
 
@@ -59,7 +69,8 @@ class PoolConfig:
 	connect_timeout: int = 5
 	# pgBouncer's pool_mode in front of this site: "session" (also right with no pgBouncer: the pool's
 	# connection is one server session, reset on return) or "transaction" (a server is lent for one
-	# transaction only, so there is no session of ours to reset: the return sends only the rollback).
+	# transaction only, so there is no session of ours to reset: the return sends only the rollback; and
+	# a kept connection costs a client, not a server: such pools share db_pool_process_clients instead).
 	pgbouncer_mode: str = "session"
 
 	@classmethod
@@ -129,17 +140,30 @@ def parse_process_budget(value: object) -> int | None:
 	return int(number)
 
 
+def parse_process_clients(value: object) -> int:
+	"""db_pool_process_clients: DEFAULT_PROCESS_CLIENTS for "auto" (or unset), else the whole number."""
+	if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+		return DEFAULT_PROCESS_CLIENTS
+	expected = f'"auto" or {_range_text(True, 1, PROCESS_BUDGET_MAX)}'
+	try:
+		number = _as_number(PROCESS_CLIENTS_KEY, value, integer=True, minimum=1, maximum=PROCESS_BUDGET_MAX)
+	except ConfigError:
+		raise ConfigError(PROCESS_CLIENTS_KEY, value, expected) from None
+	return int(number)
+
+
 def parse_config(conf: Mapping[str, object]) -> PoolConfig:
 	"""Build a PoolConfig from `db_pool_*` keys; raise ConfigError naming the first bad key.
 
 	Unknown `db_pool_*` keys are errors too: a misspelt key silently ignored is a setting
 	the operator believes in and does not have.
 	"""
-	known = {*PoolConfig.keys(), PROCESS_BUDGET_KEY}
+	known = {*PoolConfig.keys(), PROCESS_BUDGET_KEY, PROCESS_CLIENTS_KEY}
 	for key in conf:
 		if isinstance(key, str) and key.startswith(KEY_PREFIX) and key not in known:
 			raise ConfigError(key, conf[key], "one of " + ", ".join(sorted(known)), show_value=False)
 	parse_process_budget(conf.get(PROCESS_BUDGET_KEY))  # validated here too; the registry applies it
+	parse_process_clients(conf.get(PROCESS_CLIENTS_KEY))  # likewise
 	values: dict[str, object] = {}
 	for name, (integer, minimum, maximum) in _NUMERIC.items():
 		key = KEY_PREFIX + name

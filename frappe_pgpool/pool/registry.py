@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
-from .config import PoolConfig, parse_process_budget
+from .config import DEFAULT_PROCESS_CLIENTS, PoolConfig, parse_process_budget, parse_process_clients
 from .errors import ConfigError, PoolClosed
 from .pool import Connect, ConnectionPool
 
@@ -47,6 +47,20 @@ COUNTERS = (
 	"budget_timeouts",
 )
 COUNTERS_BY_REASON = ("closed", "evictions")
+# The figures of a budget snapshot that add up over a process's two budgets (PoolRegistry.snapshot)
+TOTALS = (
+	"open",
+	"in_use",
+	"idle",
+	"active",
+	"waiting",
+	"pools",
+	"evictions",
+	"budget_waits",
+	"budget_timeouts",
+	"budget_overdrafts",
+	"not_reused",
+)
 
 
 def add_counters(total: dict, snapshot: dict) -> dict:
@@ -88,7 +102,12 @@ class PoolKey:
 
 
 class PoolRegistry:
-	"""The pools of one process, and the connection budget they share (see budget.py).
+	"""The pools of one process, and the connection budgets they share (see budget.py).
+
+	Two budgets: pools whose config says pgBouncer runs them in transaction mode share a client budget
+	(db_pool_process_clients: a kept connection there is a pgBouncer client, not a server); the others
+	(session mode, or PostgreSQL itself) share db_pool_process_budget, whose "auto" keeps no more than
+	plain Frappe's peak. A pool whose mode changes is closed and made again under the other budget.
 
 	Lock order: self._lock (the pool dict, the reaper) may be held while taking the budget's lock, which
 	is also every pool's lock; never the reverse. Finalizers take neither (see abandon).
@@ -98,6 +117,8 @@ class PoolRegistry:
 		self._lock = threading.Lock()
 		self._clock = clock  # its pools' clock too
 		self._budget = ProcessBudget()  # "auto" until set_process_budget says otherwise
+		self._clients = ProcessBudget(floor=DEFAULT_PROCESS_CLIENTS)  # transaction-mode pools' budget
+		self._clients_value: object = None  # the db_pool_process_clients value last given, as given
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
 		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
@@ -117,13 +138,21 @@ class PoolRegistry:
 		_registries.add(self)
 
 	def getconn(
-		self, key: PoolKey, config: PoolConfig, connect: Connect, process_budget: object = _KEEP
+		self,
+		key: PoolKey,
+		config: PoolConfig,
+		connect: Connect,
+		process_budget: object = _KEEP,
+		process_clients: object = _KEEP,
 	) -> ext.connection:
-		"""A connection for key; process_budget is db_pool_process_budget as configured (raw), if given."""
+		"""A connection for key; process_budget and process_clients are db_pool_process_budget and
+		db_pool_process_clients as configured (raw), if given."""
 		if self._abandoned:
 			self._drain_abandoned()
 		if process_budget is not _KEEP and process_budget != self._budget_value:
 			self.set_process_budget(process_budget)
+		if process_clients is not _KEEP and process_clients != self._clients_value:
+			self.set_process_clients(process_clients)
 		pool = self.pool(key, config)
 		while True:
 			try:
@@ -163,8 +192,9 @@ class PoolRegistry:
 		as plain Frappe's (no rollback, no reset on return: closed inside the request's transaction, so
 		pgBouncer drops the server), and what is idle is ended now. A forked child starts keeping again."""
 		self._check_pid()
-		with self._budget.lock:
-			self._budget.keeping = False
+		for budget in (self._budget, self._clients):
+			with budget.lock:
+				budget.keeping = False
 		for pool in self.pools().values():
 			pool.close_idle("keep_nothing")
 
@@ -216,24 +246,80 @@ class PoolRegistry:
 					budget.open -= len(excess)
 					budget.dispatch()
 
+	def set_process_clients(self, value: object) -> None:
+		"""Apply db_pool_process_clients ("auto", None or 1..1000) to the transaction-mode pools' budget. A
+		bad value is logged once, naming the key, and "auto" applies until it is fixed."""
+		self._check_pid()
+		try:
+			floor = parse_process_clients(value)
+		except ConfigError as e:
+			if repr(value) not in self._bad_budgets:
+				self._bad_budgets.add(repr(value))
+				log.error("%s; this process uses auto until it is fixed", e)
+			floor = DEFAULT_PROCESS_CLIENTS
+		self._clients_value = value
+		budget = self._clients
+		with budget.lock:
+			if floor == budget.floor:
+				return
+			budget.floor = floor
+			excess = budget.trim()  # lowered: idle clients above it are closed now
+			budget.dispatch()
+		try:
+			for _pool, record in excess:
+				record.end()
+		finally:
+			if excess:
+				with budget.lock:
+					budget.open -= len(excess)
+					budget.dispatch()
+
 	def snapshot(self) -> dict[str, object]:
-		"""The process-wide figures: budget setting and limit, connections open, checkouts, evictions."""
+		"""The process-wide figures: budget setting, limit and peak (db_pool_process_budget's), connections
+		open, in use, idle, checkouts, evictions of the whole process; with transaction-mode pools, their
+		client budget's own figures under "clients" (its connections are in the totals too)."""
 		self._check_pid()
 		with self._budget.lock:
-			return self._budget.snapshot()
+			snapshot = self._budget.snapshot()
+		with self._clients.lock:
+			if not (self._clients.pools or self._clients.open or self._clients.evictions):
+				return snapshot
+			clients = self._clients.snapshot()
+		for name in TOTALS:
+			snapshot[name] += clients[name]
+		snapshot["clients"] = clients
+		return snapshot
+
+	def budget_of(self, config: PoolConfig) -> ProcessBudget:
+		"""The budget a pool with this config shares: the client budget behind a transaction pooler."""
+		return self._clients if config.pgbouncer_mode == "transaction" else self._budget
 
 	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
 		self._check_pid()
 		pool = self._pools.get(key)
-		if pool is None:
+		budget = self.budget_of(config)
+		if pool is None or pool._budget is not budget:
+			replaced = None
 			with self._lock:
 				pool = self._pools.get(key)
+				if pool is not None and pool._budget is not budget:
+					# db_pool_pgbouncer_mode changed: the pool goes (its connections in use close on return,
+					# a checkout that finds it closed retries) and a fresh one is made under the right budget
+					replaced = pool
+					self._dropped_pools.add(replaced)
+					del self._pools[key]
+					pool = None
 				if pool is None:
-					pool = ConnectionPool(key.label, config, clock=self._clock, budget=self._budget)
+					pool = ConnectionPool(key.label, config, clock=self._clock, budget=budget)
 					self._pools[key] = pool
 					self._activity[key] = (0, self._clock())
 					self._sites.add(key.site)
 					self._ensure_reaper()
+			if replaced is not None:
+				replaced.close()
+				with self._lock:
+					add_counters(self._dropped, replaced.snapshot())
+					self._dropped["pools"] += 1
 		if pool.config is not config and pool.config != config:
 			pool.reconfigure(config)
 		return pool
@@ -338,6 +424,7 @@ class PoolRegistry:
 		self._dropped_pools = weakref.WeakSet()
 		# a fresh budget: its lock may have been held at fork time; the child's checkouts start at none
 		self._budget = ProcessBudget(setting=self._budget.setting)
+		self._clients = ProcessBudget(floor=self._clients.floor)
 		self._owner = {}
 		self._abandoned = deque()  # the parent's connections, disowned above
 		self._lock = threading.Lock()  # may have been held by a parent thread at fork time

@@ -1,0 +1,96 @@
+"""Many sites behind pgBouncer in transaction mode, on real Frappe, pgBouncer and PostgreSQL (issue 24).
+
+A kept connection there is a pgBouncer client, not a server: the transaction-mode pools of a process
+share db_pool_process_clients (auto: 100), so a sync worker going round 10 sites keeps a client for each
+and logs in no more after its first round, where under the peak rule it would log in per request. The
+servers are pgBouncer's: each pool keeps those its clients gave back until server_idle_timeout, and
+`bench pgpool doctor` predicts the most of them from pgBouncer's real settings.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites
+
+from .bench import BENCH, SITE, bench_cli, requires_bench
+from .e2e import Gunicorn
+from .sites import (
+	Sampler,
+	configs_restored,
+	connection_timeline,
+	logins,
+	point_at,
+	set_common_config,
+	start_bouncer,
+	timeline_peaks,
+)
+
+pytestmark = [pytest.mark.frappe, requires_bench]
+
+SITES = [f"mtx{i:02d}.pgpool.test" for i in range(1, 11)]  # own database and user each
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def fleet():
+	remove_quick_sites(BENCH, SITES)
+	quick = make_quick_sites(BENCH, SITE, SITES)
+	try:
+		with configs_restored(SITES):
+			set_common_config(db_pool_pgbouncer_mode="transaction")
+			# max_db_connections 2: at most 2 servers per site's pool, so 10 x 2 fit any PostgreSQL here
+			bouncer = start_bouncer(
+				quick, "transaction", default_pool_size=20, max_db_connections=2, max_client_conn=200
+			)
+			try:
+				point_at(SITES, bouncer.host, bouncer.port)
+				yield {"bouncer": bouncer, "quick": quick, "dbs": {q.db_name for q in quick}}
+			finally:
+				bouncer.__exit__(None, None, None)
+				set_common_config(db_pool_pgbouncer_mode=None)
+	finally:
+		remove_quick_sites(BENCH, SITES)
+
+
+def test_sync_workers_keep_a_client_per_site_and_stay_within_doctors_servers(fleet, monkeypatch):
+	bouncer, dbs = fleet["bouncer"], fleet["dbs"]
+	with Gunicorn(workers=WORKERS) as web:
+		# warm-up: every site, in turn, several times per worker (requests land where they land)
+		warm = web.hammer([("/api/method/ping", SITES[i % len(SITES)]) for i in range(8 * WORKERS * 10)], 2)
+		pids = web.worker_pids()
+		sampler = Sampler(dbs, bouncer, interval=0.1, sockets=(lambda: pids, bouncer.port))
+		before = logins(bouncer, dbs)
+		sampler.start()
+		started = time.time()
+		results = web.hammer([("/api/method/ping", SITES[i % len(SITES)]) for i in range(300)], 2)
+		ended = time.time()
+		samples = sampler.stop()
+		after = logins(bouncer, dbs)
+	assert {code for code, _ in warm + results} == {200}
+	clients, servers = timeline_peaks(connection_timeline(bouncer, dbs), started, ended)
+	backends = max(s["backends"] for s in samples)
+	print(
+		f"\nsync x{WORKERS}, transaction mode, 300 pings round robin over {len(SITES)} sites: "
+		f"{after - before} logins, clients {clients}, servers {servers}, backends {backends} (sampled)"
+	)
+	# a client per site and worker, kept: no login after the warm-up (the peak rule logs in per request)
+	assert after == before
+	assert clients <= WORKERS * len(SITES)
+	# what doctor predicts from pgBouncer's settings for this bench, and the real peak within it
+	monkeypatch.setenv(
+		"PGPOOL_ADMIN_DSN", bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer")
+	)
+	result = bench_cli(
+		"pgpool", "doctor", "--web-workers", str(WORKERS), "--threads", "1", site=SITES[0], timeout=300
+	)
+	print(result.stdout)
+	(line,) = [x for x in result.stdout.splitlines() if x.startswith("ok    server_idle_timeout")]
+	predicted = int(re.search(r"up to (\d+) servers in all", line)[1])
+	assert predicted == 2 * len(SITES)  # max_db_connections 2 per site's database
+	assert servers <= predicted and backends <= predicted
+	(clients_line,) = [x for x in result.stdout.splitlines() if "max_client_conn" in x and "clients" in x]
+	assert f"x {len(SITES)}" in clients_line  # every process may keep a client per site

@@ -1,0 +1,118 @@
+"""doctor for many sites behind pgBouncer in transaction mode, against a real pgBouncer and PostgreSQL.
+
+There a process keeps a client per site it served lately (db_pool_process_clients), so the clients add up
+over every process of the bench (max_client_conn, and the per-database/per-user client caps where the
+version has them); and each pool keeps the servers its kept clients gave back until server_idle_timeout,
+so the servers add up over every pool of a PostgreSQL server (its max_connections).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from frappe_pgpool import doctor
+from frappe_pgpool.pool import PoolConfig
+from frappe_pgpool.testing.cluster import PgBouncer
+
+from .conftest import USERS
+from .test_operability import behind, bench_of, by_check, examine, pool_config
+
+TX = pool_config(size=8, pgbouncer_mode="transaction")
+
+
+def tx_sites(bouncer: PgBouncer, count: int, clients: object = "auto") -> list[doctor.Site]:
+	"""`count` sites with their own database and user, pooled in transaction mode, with the client budget
+	db_pool_process_clients (None: a frappe_pgpool without it)."""
+	return [
+		dataclasses.replace(s, process_budget="auto", process_clients=clients)
+		for s in behind(bouncer, TX, count=count, shared=False)
+	]
+
+
+def test_doctor_adds_up_the_kept_clients_of_every_process_against_max_client_conn(cluster):
+	"""20 sites, 4 sync web workers and 3 job processes: each process keeps a client per site (7 x 20)."""
+	settings = dict(pool_mode="transaction", default_pool_size=2, max_client_conn=100, max_db_connections=2)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		over = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20), web=4, jobs=3)))
+		fewer = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20, clients=10), web=4, jobs=3)))
+		# a frappe_pgpool without the client budget: its process budget (auto) keeps one per process
+		old = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20, clients=None), web=4, jobs=3)))
+	finding = over["max_client_conn"]
+	assert finding.level == "error", finding
+	assert "4 web x 20 + 3 job x 20 = 140 clients" in finding.message
+	assert "max_client_conn=100" in finding.message
+	assert "raise max_client_conn to at least 140" in finding.fix
+	assert "set db_pool_process_clients to 14" in finding.fix and "7 processes x 14" in finding.fix
+	assert fewer["max_client_conn"].level == "ok"
+	assert "4 web x 10 + 3 job x 10 = 70" in fewer["max_client_conn"].message
+	assert (
+		old["max_client_conn"].level == "ok" and "4 web x 1 + 3 job x 1 = 7" in old["max_client_conn"].message
+	)
+
+
+def test_doctor_adds_up_the_servers_every_transaction_pool_keeps_against_max_connections(cluster):
+	"""20 sites, 4 gthread workers x 4 threads and 3 job processes: a site may run 19 transactions at
+	once, and its pool keeps what it needed until server_idle_timeout: 20 x 19 = 380 servers, over
+	PostgreSQL's 297; capped per pool at 297 // 20 = 14 they fit."""
+	base = dict(pool_mode="transaction", default_pool_size=20, server_idle_timeout=60)
+	with PgBouncer(cluster, users=USERS, **base) as bouncer:
+		over_all = examine(bouncer, bench_of(tx_sites(bouncer, 20), web=4, threads=4, jobs=3))
+	over = by_check(over_all)
+	with PgBouncer(cluster, users=USERS, max_db_connections=14, **base) as bouncer:
+		capped = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20), web=4, threads=4, jobs=3)))
+	finding = over["max_connections"]
+	assert finding.level == "error", finding
+	assert "this bench can open up to 380 backends" in finding.message
+	assert "max_connections=300 - superuser_reserved_connections=3 = 297" in finding.message
+	assert "cap each of the 20 transaction-mode pools at 14 servers" in finding.fix
+	assert "max_db_connections=14" in finding.fix and "20 x 14 = 280 fit the 297 backends left" in finding.fix
+	idle = over["server_idle_timeout"]
+	assert idle.level == "ok" and "20 pools in transaction mode with kept clients" in idle.message
+	assert "19 at most" in idle.message and "server_idle_timeout=60s: up to 380 servers" in idle.message
+	assert capped["max_connections"].level == "ok", capped["max_connections"]
+	assert "up to 280 backends" in capped["max_connections"].message
+	# the cap makes a busy site's transactions queue in pgBouncer, not fail
+	assert capped["max_db_connections"].level == "warn"
+	assert "up to 19 transactions at once, but max_db_connections=14" in capped["max_db_connections"].message
+
+
+def test_doctor_counts_min_pool_size_and_warns_when_idle_servers_never_go(cluster):
+	"""Sync workers: 7 transactions at once at most per site, but min_pool_size=10 keeps 10 per pool."""
+	settings = dict(pool_mode="transaction", default_pool_size=20, min_pool_size=10, server_idle_timeout=0)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		found = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20), web=4, jobs=3)))
+	assert found["max_connections"].level == "ok" and "up to 200 backends" in found["max_connections"].message
+	idle = found["server_idle_timeout"]
+	assert idle.level == "warn" and "never (server_idle_timeout=0)" in idle.message
+	assert "set server_idle_timeout" in idle.fix
+
+
+def test_doctor_says_when_no_pgbouncer_setting_fits_one_server_per_site(cluster):
+	"""300 sites with their own database and user: each busy pool needs a server, 300 > 297."""
+	settings = dict(pool_mode="transaction", default_pool_size=1, max_client_conn=5000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		found = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 300), web=4, jobs=3)))
+	finding = found["max_connections"]
+	assert finding.level == "error" and "up to 300 backends" in finding.message
+	assert "no pgBouncer setting fits: 300 transaction-mode pools" in finding.fix
+	assert "raise max_connections to at least 303" in finding.fix
+	assert "cap each of" not in finding.fix
+
+
+def test_session_mode_and_plain_sites_keep_todays_rule(cluster):
+	"""Session mode: the process budget (auto) still bounds what is kept; plain Frappe sites in
+	transaction mode: servers only for the requests in flight (they disconnect inside the transaction)."""
+	with PgBouncer(cluster, users=USERS, default_pool_size=20) as bouncer:
+		sites = [
+			dataclasses.replace(s, process_budget="auto", process_clients="auto")
+			for s in behind(bouncer, pool_config(size=8), count=20, shared=False)
+		]
+		session = by_check(examine(bouncer, bench_of(sites, web=4, threads=4, jobs=3)))
+	assert (
+		session["max_connections"].level == "ok" and "up to 19 backends" in session["max_connections"].message
+	)
+	assert "server_idle_timeout" not in session
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction", default_pool_size=20) as bouncer:
+		plain = [dataclasses.replace(s, config=PoolConfig()) for s in tx_sites(bouncer, 20)]
+		found = by_check(examine(bouncer, bench_of(plain, web=4, threads=4, jobs=3)))
+	assert found["max_connections"].level == "ok" and "up to 19 backends" in found["max_connections"].message
