@@ -181,8 +181,9 @@ def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers:
 	at = doctor.address(bouncer.host, bouncer.port)
 	config = PoolConfig(enabled=pool == "on", **transaction_mode_config())
 	by_name = {q.name: q for q in quick}
+	clients = _TX_NOW.get("db_pool_process_clients", "auto")  # as the row's processes apply it
 	sites = [
-		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", "auto")
+		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", clients)
 		for name in members
 	]
 	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
@@ -223,7 +224,8 @@ def idle_backend_memory(dbs: set[str]) -> dict | None:
 
 def transaction_mode_config() -> dict:
 	"""transaction_mode_settings() as PoolConfig fields (empty outside transaction mode rows)."""
-	return {k.removeprefix("db_pool_"): v for k, v in _TX_NOW.items()}
+	keys = set(PoolConfig.keys())  # the process-wide keys (db_pool_process_clients) are no PoolConfig field
+	return {k.removeprefix("db_pool_"): v for k, v in _TX_NOW.items() if k in keys}
 
 
 _TX_NOW: dict = {}  # the transaction-mode settings the current rows run with
@@ -248,11 +250,18 @@ def _tree(version: str) -> str:
 	return version.split("(", 1)[-1]
 
 
+PROCESS_CLIENTS: list = [None]  # --process-clients: db_pool_process_clients of the transaction rows
+
+
 def transaction_mode_settings() -> dict:
-	"""What a pooled site needs behind pgBouncer in transaction mode, with this version's keys."""
+	"""What a pooled site needs behind pgBouncer in transaction mode, with this version's keys, and the
+	opt-in client budget (db_pool_process_clients) when --process-clients gives one."""
 	keys = set(PoolConfig.keys())
 	if "db_pool_pgbouncer_mode" in keys:
-		return {"db_pool_pgbouncer_mode": "transaction"}
+		settings: dict = {"db_pool_pgbouncer_mode": "transaction"}
+		if PROCESS_CLIENTS[0] is not None:
+			settings["db_pool_process_clients"] = PROCESS_CLIENTS[0]
+		return settings
 	return {"db_pool_reset_query": ""}
 
 
@@ -842,6 +851,11 @@ def main() -> int:
 		default=0,
 		help="warm up with every site in turn, N x workers times (instead of --warmup random pings)",
 	)
+	parser.add_argument(
+		"--process-clients",
+		type=int,
+		help="transaction-mode rows: set db_pool_process_clients (opt-in client budget) to N",
+	)
 	parser.add_argument("--quick", action="store_true", help="a small run to try the harness")
 	parser.add_argument("--keep-sites", action="store_true")
 	parser.add_argument(
@@ -850,6 +864,7 @@ def main() -> int:
 	parser.add_argument("--name", default="sites")
 	parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 	args = parser.parse_args()
+	PROCESS_CLIENTS[0] = args.process_clients
 	if args.report_only:  # the report and plot again from sites.json, e.g. after a change to them
 		Run(args).write(json.loads((args.out / f"{args.name}.json").read_text()))
 		return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg2
@@ -48,8 +48,8 @@ class Site:
 	# frappe_pgpool without one (each pool then keeps up to min(threads, db_pool_size) on its own, and opens
 	# up to threads at once)
 	process_budget: object = None
-	# db_pool_process_clients as its processes apply it ("auto", a whole number), or None for a
-	# frappe_pgpool without it (its transaction-mode pools then share db_pool_process_budget)
+	# db_pool_process_clients as its processes apply it ("auto": off, a whole number), or None for a
+	# frappe_pgpool without it; off, its transaction-mode pools share db_pool_process_budget
 	process_clients: object = None
 
 	@property
@@ -58,10 +58,24 @@ class Site:
 
 	@property
 	def client_budgeted(self) -> bool:
-		"""Pooled in transaction mode under the client budget: kept connections are pgBouncer clients."""
-		return (
-			self.pooled and self.config.pgbouncer_mode == "transaction" and self.process_clients is not None
-		)
+		"""Pooled in transaction mode under the client budget (db_pool_process_clients set): kept
+		connections are pgBouncer clients, a client per site."""
+		return self.transaction_pooled and _clients_floor(self.process_clients) > 0
+
+	@property
+	def transaction_pooled(self) -> bool:
+		return self.pooled and self.config.pgbouncer_mode == "transaction"
+
+
+def _clients_floor(value: object) -> int:
+	"""db_pool_process_clients as a process applies it: 0 (off) for "auto", unset or a bad value (the
+	process logs it and applies auto)."""
+	if value is None:
+		return 0
+	try:
+		return parse_process_clients(value)
+	except ConfigError:
+		return 0
 
 
 @dataclass(frozen=True)
@@ -274,16 +288,10 @@ def process_budget(sites: Iterable[Site], concurrency: int, override: object = N
 
 
 def process_clients(sites: Iterable[Site], concurrency: int) -> int | None:
-	"""Most clients a process with `concurrency` threads keeps open across its transaction-mode sites, or
-	None: db_pool_process_clients ("auto": 100), or its peak of checkouts if higher; the largest of the sites'
-	values (a process applies the value of the site it serves)."""
-	limits = []
-	for s in sites:
-		if s.client_budgeted:
-			try:
-				limits.append(parse_process_clients(s.process_clients))
-			except ConfigError:
-				limits.append(parse_process_clients(None))  # the process logs it and applies auto
+	"""Most clients a process with `concurrency` threads keeps open across its client-budgeted sites, or
+	None where none is: db_pool_process_clients, or its peak of checkouts if higher; the largest of the
+	sites' values (a process applies the value of the site it serves)."""
+	limits = [_clients_floor(s.process_clients) for s in sites if s.client_budgeted]
 	return max(concurrency, *limits) if limits else None
 
 
@@ -499,11 +507,11 @@ class Bouncer:
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
 		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
-		pools of pooled sites keep servers no client holds (see pool_servers): the others' together are at
-		most the clients the bench holds for them."""
+		pools of sites with a kept client each (client_budgeted) keep servers no client holds (see
+		pool_servers): the others' together are at most the clients the bench holds for them."""
 		pools = _group(sites, _pool_key)
 		per = {key: self.pool_servers(bench, members, *key, budget) for key, members in pools.items()}
-		linger = {k for k in per if self.mode(*k) != "session" and any(s.pooled for s in pools[k])}
+		linger = {k for k in per if self.mode(*k) != "session" and any(s.client_budgeted for s in pools[k])}
 		held = [k for k in per if k not in linger]
 		total = min(
 			sum(per[k] for k in held), demand(bench, [s for k in held for s in pools[k]], budget).total
@@ -766,9 +774,9 @@ def _transaction_servers(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> 
 	stays until server_idle_timeout, so each pool keeps about the most transactions it ran at once lately.
 	PostgreSQL's side of it is the max_connections check."""
 	kept = [(key, members) for key, members in pools.items() if modes[key] != "session"]
+	if not any(s.client_budgeted for _, members in kept for s in members):
+		return _clients_offer(bench, b, kept)
 	kept = [(key, members) for key, members in kept if any(s.client_budgeted for s in members)]
-	if not kept:
-		return []
 	idle = _number(b.settings.get("server_idle_timeout", 600))
 	sites = [s for _, members in kept for s in members]
 	most = b.opened(bench, sites)
@@ -786,6 +794,31 @@ def _transaction_servers(bench: Bench, b: Bouncer, pools: dict, modes: dict) -> 
 			""
 			if idle
 			else "set server_idle_timeout (e.g. 60) so that the servers of sites gone quiet are closed",
+		)
+	]
+
+
+def _clients_offer(bench: Bench, b: Bouncer, pools: list) -> list[Finding]:
+	"""Transaction-mode pools under the peak rule (db_pool_process_clients unset): what keeping a client per
+	site would cost in servers, with these pgBouncer settings, so that the operator can opt in knowingly."""
+	sites = [s for _, members in pools for s in members if s.transaction_pooled]
+	if not sites:
+		return []
+	opted = [replace(s, process_clients=100) for s in sites]
+	most = b.opened(bench, opted)
+	idle = _number(b.settings.get("server_idle_timeout", 600))
+	return [
+		Finding(
+			"ok",
+			"db_pool_process_clients",
+			f"{_names(sites)}: pooled in transaction mode under db_pool_process_budget (a process keeps at most "
+			"plain Frappe's peak of connections; a site beyond them logs in per request). With "
+			"db_pool_process_clients set, a process keeps a client per site instead (README: 'Many sites "
+			"behind a transaction pooler'), and each site's pool keeps the servers it used idle until "
+			f"server_idle_timeout={idle:g}s: up to {most} servers with these pgBouncer settings",
+			f"to opt in, set db_pool_process_clients (e.g. 100) in common_site_config.json only if PostgreSQL "
+			f"accepts {most} more backends besides the rest; run doctor again: its max_connections check then "
+			"counts them",
 		)
 	]
 

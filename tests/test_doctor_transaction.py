@@ -1,9 +1,10 @@
 """doctor for many sites behind pgBouncer in transaction mode, against a real pgBouncer and PostgreSQL.
 
-There a process keeps a client per site it served lately (db_pool_process_clients), so the clients add up
+With db_pool_process_clients set (opt-in), a process keeps a client per site it served lately, so the clients add up
 over every process of the bench (max_client_conn, and the per-database/per-user client caps where the
 version has them); and each pool keeps the servers its kept clients gave back until server_idle_timeout,
-so the servers add up over every pool of a PostgreSQL server (its max_connections).
+so the servers add up over every pool of a PostgreSQL server (its max_connections). Unset, transaction-mode
+pools keep what db_pool_process_budget allows (plain Frappe's peak) and doctor says what opting in costs.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from .test_operability import behind, bench_of, by_check, examine, pool_config
 TX = pool_config(size=8, pgbouncer_mode="transaction")
 
 
-def tx_sites(bouncer: PgBouncer, count: int, clients: object = "auto") -> list[doctor.Site]:
+def tx_sites(bouncer: PgBouncer, count: int, clients: object = 100) -> list[doctor.Site]:
 	"""`count` sites with their own database and user, pooled in transaction mode, with the client budget
-	db_pool_process_clients (None: a frappe_pgpool without it)."""
+	db_pool_process_clients ("auto": off, the default; None: a frappe_pgpool without it)."""
 	return [
 		dataclasses.replace(s, process_budget="auto", process_clients=clients)
 		for s in behind(bouncer, TX, count=count, shared=False)
@@ -116,3 +117,19 @@ def test_session_mode_and_plain_sites_keep_todays_rule(cluster):
 		plain = [dataclasses.replace(s, config=PoolConfig()) for s in tx_sites(bouncer, 20)]
 		found = by_check(examine(bouncer, bench_of(plain, web=4, threads=4, jobs=3)))
 	assert found["max_connections"].level == "ok" and "up to 19 backends" in found["max_connections"].message
+
+
+def test_by_default_doctor_counts_the_peak_rule_and_says_what_opting_in_costs(cluster):
+	"""db_pool_process_clients unset: each process keeps at most its peak (one per thread) across the 20
+	sites, as in session mode, so the clients and servers fit; doctor offers the client budget with the
+	servers it would keep idle (20 pools x up to 5 transactions at once = 100 here)."""
+	settings = dict(pool_mode="transaction", default_pool_size=5, max_client_conn=100)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		found = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, jobs=3)))
+	assert found["max_client_conn"].level == "ok"
+	assert "4 web x 1 + 3 job x 1 = 7" in found["max_client_conn"].message
+	assert found["max_connections"].level == "ok" and "up to 7 backends" in found["max_connections"].message
+	offer = found["db_pool_process_clients"]
+	assert offer.level == "ok" and "under db_pool_process_budget" in offer.message
+	assert "up to 100 servers" in offer.message and "accepts 100 more backends" in offer.fix
+	assert "server_idle_timeout" not in found  # no kept client per site: no idle servers of its own

@@ -1,10 +1,13 @@
-"""Many sites behind pgBouncer in transaction mode: a kept connection is a client, budgeted as one.
+"""Many sites behind pgBouncer in transaction mode: with db_pool_process_clients set (opt-in), a kept
+connection is a client, budgeted as one.
 
 On a real pgBouncer in transaction mode (SCRAM), one process serving 20 sites in turn (a sync worker's
 round robin) keeps a client per site: after the first round every checkout is a hit and pgBouncer sees no
 new login. Pools of sites in session mode (or straight to PostgreSQL), in the same process, still keep
 no more than the process's peak of checkouts (db_pool_process_budget auto), as plain Frappe would have
-had open.
+had open. Unset ("auto"), transaction-mode pools share db_pool_process_budget like the others: kept
+clients leave their servers idle in pgBouncer, one per site served lately, which only pgBouncer's
+settings bound (doctor checks them), so keeping more than plain Frappe's peak is the operator's choice.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import psycopg2.extensions as ext
 import pytest
 
 from frappe_pgpool.pool import ConfigError, PoolConfig, PoolRegistry, parse_config
-from frappe_pgpool.pool.config import DEFAULT_PROCESS_CLIENTS, parse_process_clients
+from frappe_pgpool.pool.config import PROCESS_CLIENTS_OFF, parse_process_clients
 from frappe_pgpool.testing.cluster import PgBouncer
 
 from .conftest import USERS, backend_pid, key_for
@@ -25,6 +28,7 @@ from .conftest import USERS, backend_pid, key_for
 SITES = 20
 TX = PoolConfig(enabled=True, size=8, timeout=2, pgbouncer_mode="transaction")
 SESSION = PoolConfig(enabled=True, size=8, timeout=2)
+CLIENTS = 100  # db_pool_process_clients as the README suggests it
 
 
 class Clock:
@@ -49,10 +53,18 @@ def clock():
 
 
 @pytest.fixture
-def reg(clock):
+def plain_reg(clock):
+	"""A registry as it starts: db_pool_process_clients unset."""
 	registry = PoolRegistry(reap_interval=0, clock=clock)
 	yield registry
 	registry.close_all()
+
+
+@pytest.fixture
+def reg(plain_reg):
+	"""A registry with the client budget switched on (db_pool_process_clients: 100)."""
+	plain_reg.set_process_clients(CLIENTS)
+	return plain_reg
 
 
 def factory(bouncer: PgBouncer, user: str = "app1"):
@@ -104,8 +116,8 @@ def test_twenty_sites_in_transaction_mode_keep_a_client_each_with_no_new_login(t
 	)
 	clients = reg.snapshot()["clients"]
 	assert (clients["process_clients"], clients["limit"], clients["open"], clients["idle"]) == (
-		DEFAULT_PROCESS_CLIENTS,
-		DEFAULT_PROCESS_CLIENTS,
+		CLIENTS,
+		CLIENTS,
 		SITES,
 		SITES,
 	)
@@ -158,8 +170,42 @@ def test_lowering_db_pool_process_clients_closes_idle_clients_above_it(tx_bounce
 	assert reg.snapshot()["clients"]["open"] == 6
 	reg.set_process_clients(2)
 	assert (reg.snapshot()["clients"]["open"], reg.snapshot()["clients"]["limit"]) == (2, 2)
-	reg.set_process_clients("auto")
-	assert reg.snapshot()["clients"]["limit"] == DEFAULT_PROCESS_CLIENTS
+	reg.set_process_clients("auto")  # off: what the client budget keeps idle is closed now
+	assert reg.snapshot()["open"] == reg.snapshot()["clients"]["open"] == 0
+	assert reg.pools()[sites[-1]].snapshot()["closed"] == {"reconfigured": 1}  # one of the 2 kept
+	rounds(reg, sites, TX, factory(tx_bouncer), 1)  # and the pools move to db_pool_process_budget
+	assert all(p._budget is reg.budget_of(SESSION) for p in reg.pools().values())
+	assert reg.snapshot()["open"] <= reg.snapshot()["peak"] == 1
+
+
+def test_by_default_transaction_mode_pools_keep_no_more_than_the_peak(tx_bouncer, plain_reg):
+	"""db_pool_process_clients unset: the 20 sites share db_pool_process_budget (auto: the peak, one here),
+	so a round robin keeps nothing (each checkout logs in and ends as plain Frappe's: pgBouncer drops its
+	server), and no client of a site served earlier stays open."""
+	reg = plain_reg
+	sites = keys(tx_bouncer, "dflt")
+	connect = factory(tx_bouncer)
+	rounds(reg, sites, TX, connect, 1)
+	logins = tx_bouncer.logins("app1")
+	rounds(reg, sites, TX, connect, 2)
+	snap = reg.snapshot()
+	assert "clients" not in snap and reg.budget_of(TX) is reg.budget_of(SESSION)
+	assert (snap["process_budget"], snap["peak"], snap["limit"]) == ("auto", 1, 1)
+	assert snap["open"] <= 1
+	assert tx_bouncer.logins("app1") - logins >= 2 * SITES - 1  # plain Frappe's: a login per request
+
+
+def test_switching_the_client_budget_on_moves_transaction_mode_pools_to_it(tx_bouncer, plain_reg):
+	reg = plain_reg
+	sites = keys(tx_bouncer, "on", 4)
+	connect = factory(tx_bouncer)
+	rounds(reg, sites, TX, connect, 1)
+	assert all(p._budget is reg.budget_of(SESSION) for p in reg.pools().values())
+	rounds(reg, sites, TX, connect, 1)  # the value comes with each checkout, as a site config gives it
+	for key in sites:
+		reg.putconn(reg.getconn(key, TX, connect, process_clients=CLIENTS))
+	assert all(p._budget is reg.budget_of(TX) is not reg.budget_of(SESSION) for p in reg.pools().values())
+	assert reg.snapshot()["clients"]["open"] == 4
 
 
 def test_a_quiet_sites_kept_client_still_goes_after_max_idle(tx_bouncer, reg, clock):
@@ -174,7 +220,7 @@ def test_a_quiet_sites_kept_client_still_goes_after_max_idle(tx_bouncer, reg, cl
 
 @pytest.mark.parametrize(
 	("value", "expected"),
-	[(None, DEFAULT_PROCESS_CLIENTS), ("auto", DEFAULT_PROCESS_CLIENTS), (5, 5), ("7", 7)],
+	[(None, PROCESS_CLIENTS_OFF), ("auto", PROCESS_CLIENTS_OFF), (5, 5), ("7", 7)],
 )
 def test_process_clients_values(value, expected):
 	assert parse_process_clients(value) == expected
@@ -196,4 +242,4 @@ def test_a_bad_process_clients_value_given_to_the_registry_is_logged_once_and_au
 		for _ in range(3):
 			reg.putconn(reg.getconn(key, TX, factory(tx_bouncer), process_clients="lots"))
 	assert sum("db_pool_process_clients" in r.getMessage() for r in caplog.records) == 1
-	assert reg.snapshot()["clients"]["limit"] == DEFAULT_PROCESS_CLIENTS
+	assert "clients" not in reg.snapshot() and reg.budget_of(TX) is reg.budget_of(SESSION)  # auto: off

@@ -27,15 +27,17 @@ KEY_PREFIX = "db_pool_"
 PROCESS_BUDGET_KEY = KEY_PREFIX + "process_budget"
 PROCESS_BUDGET_MAX = 1000
 
-# Process-wide too: the most connections one process keeps open across the pools of sites whose
-# db_pool_pgbouncer_mode is "transaction". There a kept connection is a pgBouncer client, not a server
-# (pgBouncer lends one per transaction), so they are budgeted by what pgBouncer allows clients
-# (max_client_conn, spread over every process of the bench: `bench pgpool doctor` adds them up), not by the
-# process's peak of checkouts. "auto" (the default): DEFAULT_PROCESS_CLIENTS, or the process's peak of
-# checkouts if higher; a number N: max(N, peak). A checkout never waits for it. Idle clients of quiet
-# sites still close after db_pool_max_idle.
+# Process-wide too, and opt-in: the most connections one process keeps open across the pools of sites
+# whose db_pool_pgbouncer_mode is "transaction", a client per site. There a kept connection is a pgBouncer
+# client, not a server (pgBouncer lends one per transaction), but the server it last used stays idle in
+# its pgBouncer pool until server_idle_timeout, where plain Frappe's disconnect inside its transaction
+# makes pgBouncer drop it: about one server per site served lately, which only pgBouncer's settings bound
+# (`bench pgpool doctor` checks them against PostgreSQL's max_connections and says when this is safe).
+# "auto" (the default): off, those pools share db_pool_process_budget (plain Frappe's peak); a number N:
+# they share a client budget of max(N, peak). A checkout never waits for it. Idle clients of quiet sites
+# still close after db_pool_max_idle.
 PROCESS_CLIENTS_KEY = KEY_PREFIX + "process_clients"
-DEFAULT_PROCESS_CLIENTS = 100
+PROCESS_CLIENTS_OFF = 0
 
 PGBOUNCER_MODES = ("session", "transaction")
 
@@ -70,7 +72,8 @@ class PoolConfig:
 	# pgBouncer's pool_mode in front of this site: "session" (also right with no pgBouncer: the pool's
 	# connection is one server session, reset on return) or "transaction" (a server is lent for one
 	# transaction only, so there is no session of ours to reset: the return sends only the rollback; and
-	# a kept connection costs a client, not a server: such pools share db_pool_process_clients instead).
+	# a kept connection costs a client, not a server: with db_pool_process_clients set, such pools share
+	# that client budget instead of db_pool_process_budget).
 	pgbouncer_mode: str = "session"
 
 	@classmethod
@@ -141,9 +144,9 @@ def parse_process_budget(value: object) -> int | None:
 
 
 def parse_process_clients(value: object) -> int:
-	"""db_pool_process_clients: DEFAULT_PROCESS_CLIENTS for "auto" (or unset), else the whole number."""
+	"""db_pool_process_clients: PROCESS_CLIENTS_OFF (0) for "auto" (or unset), else the whole number."""
 	if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-		return DEFAULT_PROCESS_CLIENTS
+		return PROCESS_CLIENTS_OFF
 	expected = f'"auto" or {_range_text(True, 1, PROCESS_BUDGET_MAX)}'
 	try:
 		number = _as_number(PROCESS_CLIENTS_KEY, value, integer=True, minimum=1, maximum=PROCESS_BUDGET_MAX)

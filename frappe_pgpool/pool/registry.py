@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import psycopg2.extensions as ext
 
 from .budget import ProcessBudget
-from .config import DEFAULT_PROCESS_CLIENTS, PoolConfig, parse_process_budget, parse_process_clients
+from .config import PROCESS_CLIENTS_OFF, PoolConfig, parse_process_budget, parse_process_clients
 from .errors import ConfigError, PoolClosed
 from .pool import Connect, ConnectionPool
 
@@ -104,10 +104,11 @@ class PoolKey:
 class PoolRegistry:
 	"""The pools of one process, and the connection budgets they share (see budget.py).
 
-	Two budgets: pools whose config says pgBouncer runs them in transaction mode share a client budget
-	(db_pool_process_clients: a kept connection there is a pgBouncer client, not a server); the others
-	(session mode, or PostgreSQL itself) share db_pool_process_budget, whose "auto" keeps no more than
-	plain Frappe's peak. A pool whose mode changes is closed and made again under the other budget.
+	Two budgets: every pool shares db_pool_process_budget, whose "auto" keeps no more than plain Frappe's
+	peak, but when db_pool_process_clients is set (opt-in), pools whose config says pgBouncer runs them in
+	transaction mode share that client budget instead (a kept connection there is a pgBouncer client, not
+	a server). A pool whose budget changes (its mode, or the client budget switched on or off) is closed
+	and made again under the other budget.
 
 	Lock order: self._lock (the pool dict, the reaper) may be held while taking the budget's lock, which
 	is also every pool's lock; never the reverse. Finalizers take neither (see abandon).
@@ -117,7 +118,8 @@ class PoolRegistry:
 		self._lock = threading.Lock()
 		self._clock = clock  # its pools' clock too
 		self._budget = ProcessBudget()  # "auto" until set_process_budget says otherwise
-		self._clients = ProcessBudget(floor=DEFAULT_PROCESS_CLIENTS)  # transaction-mode pools' budget
+		# transaction-mode pools' budget once db_pool_process_clients sets its floor (0: off)
+		self._clients = ProcessBudget(floor=PROCESS_CLIENTS_OFF)
 		self._clients_value: object = None  # the db_pool_process_clients value last given, as given
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
 		self._bad_budgets: set[str] = set()  # invalid values already logged
@@ -247,8 +249,8 @@ class PoolRegistry:
 					budget.dispatch()
 
 	def set_process_clients(self, value: object) -> None:
-		"""Apply db_pool_process_clients ("auto", None or 1..1000) to the transaction-mode pools' budget. A
-		bad value is logged once, naming the key, and "auto" applies until it is fixed."""
+		"""Apply db_pool_process_clients ("auto" or None: off, or 1..1000) to the transaction-mode pools'
+		budget. A bad value is logged once, naming the key, and "auto" applies until it is fixed."""
 		self._check_pid()
 		try:
 			floor = parse_process_clients(value)
@@ -256,15 +258,20 @@ class PoolRegistry:
 			if repr(value) not in self._bad_budgets:
 				self._bad_budgets.add(repr(value))
 				log.error("%s; this process uses auto until it is fixed", e)
-			floor = DEFAULT_PROCESS_CLIENTS
+			floor = PROCESS_CLIENTS_OFF
 		self._clients_value = value
 		budget = self._clients
 		with budget.lock:
 			if floor == budget.floor:
 				return
 			budget.floor = floor
-			excess = budget.trim()  # lowered: idle clients above it are closed now
+			# switched off: its pools move to db_pool_process_budget at their next checkout (pool()), and
+			# what they keep idle is closed now (below), as the peak rule would not have kept it
+			switched_off = list(budget.pools) if floor == PROCESS_CLIENTS_OFF else []
+			excess = [] if switched_off else budget.trim()  # lowered: idle clients above it are closed now
 			budget.dispatch()
+		for pool in switched_off:
+			pool.close_idle("reconfigured")
 		try:
 			for _pool, record in excess:
 				record.end()
@@ -291,8 +298,11 @@ class PoolRegistry:
 		return snapshot
 
 	def budget_of(self, config: PoolConfig) -> ProcessBudget:
-		"""The budget a pool with this config shares: the client budget behind a transaction pooler."""
-		return self._clients if config.pgbouncer_mode == "transaction" else self._budget
+		"""The budget a pool with this config shares: the client budget behind a transaction pooler, when
+		db_pool_process_clients switched it on."""
+		if config.pgbouncer_mode == "transaction" and self._clients.floor != PROCESS_CLIENTS_OFF:
+			return self._clients
+		return self._budget
 
 	def pool(self, key: PoolKey, config: PoolConfig) -> ConnectionPool:
 		self._check_pid()

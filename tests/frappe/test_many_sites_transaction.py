@@ -1,8 +1,9 @@
 """Many sites behind pgBouncer in transaction mode, on real Frappe, pgBouncer and PostgreSQL (issue 24).
 
-A kept connection there is a pgBouncer client, not a server: the transaction-mode pools of a process
-share db_pool_process_clients (auto: 100), so a sync worker going round 10 sites keeps a client for each
-and logs in no more after its first round, where under the peak rule it would log in per request. The
+A kept connection there is a pgBouncer client, not a server: with db_pool_process_clients set (opt-in; 100
+here) the transaction-mode pools of a process share that client budget, so a sync worker going round 10
+sites keeps a client for each and logs in no more after its first round, where under the peak rule (the
+default) it would log in per request. The
 servers are pgBouncer's: each pool keeps those its clients gave back until server_idle_timeout, and
 `bench pgpool doctor` predicts the most of them from pgBouncer's real settings.
 """
@@ -41,7 +42,7 @@ def fleet():
 	quick = make_quick_sites(BENCH, SITE, SITES)
 	try:
 		with configs_restored(SITES):
-			set_common_config(db_pool_pgbouncer_mode="transaction")
+			set_common_config(db_pool_pgbouncer_mode="transaction", db_pool_process_clients=100)
 			# max_db_connections 2: at most 2 servers per site's pool, so 10 x 2 fit any PostgreSQL here
 			bouncer = start_bouncer(
 				quick, "transaction", default_pool_size=20, max_db_connections=2, max_client_conn=200
@@ -51,7 +52,7 @@ def fleet():
 				yield {"bouncer": bouncer, "quick": quick, "dbs": {q.db_name for q in quick}}
 			finally:
 				bouncer.__exit__(None, None, None)
-				set_common_config(db_pool_pgbouncer_mode=None)
+				set_common_config(db_pool_pgbouncer_mode=None, db_pool_process_clients=None)
 	finally:
 		remove_quick_sites(BENCH, SITES)
 
