@@ -103,7 +103,15 @@ class PostgresCluster:
 
 	host = "127.0.0.1"
 
-	def __init__(self, base_dir: str | None = None, port: int | None = None) -> None:
+	def __init__(
+		self,
+		base_dir: str | None = None,
+		port: int | None = None,
+		bindir: str | os.PathLike | None = None,
+		settings: dict[str, object] | None = None,
+	) -> None:
+		"""bindir: the server binaries (default: PGPOOL_PG_BINDIR, else the newest installed); settings:
+		postgresql.conf lines added at initdb (e.g. {"reserved_connections": 5})."""
 		self._user = _server_user()
 		self.superuser = self._user.pw_name if self._user else pwd.getpwuid(os.geteuid()).pw_name
 		self.base = Path(base_dir) if base_dir else _make_dir("pgpool-pg-", self._user)
@@ -111,7 +119,8 @@ class PostgresCluster:
 		self.socket_dir = str(self.base)
 		self.log = self.base / "postgres.log"
 		self.port = port or free_port()
-		self._bin = _pg_bindir()
+		self._bin = Path(bindir) if bindir else _pg_bindir()
+		self._settings = dict(settings or {})
 		self._started = False
 
 	def _run(self, *args: str) -> None:
@@ -137,6 +146,7 @@ class PostgresCluster:
 					"fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n"
 					"shared_buffers = 32MB\npassword_encryption = 'scram-sha-256'\n"
 				)
+				conf.writelines(f"{name} = {value!r}\n" for name, value in self._settings.items())
 		self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
 		self._started = True
 		atexit.register(self.stop)
