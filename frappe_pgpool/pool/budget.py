@@ -1,33 +1,10 @@
 """The per-process connection budget, shared by every pool of a registry (all sites and identities).
 
-No Frappe import. One process (a sync worker, a gthread worker, an RQ worker) serves many sites; a pool
-per site that keeps its connections would hold one per site served, and behind pgBouncer in session mode
-each of them pins a server connection. The budget bounds what the process keeps open across all its
-pools:
-
-- "auto" (setting None): no more than the high-water mark of the process's concurrent checkouts, which is
-  what plain Frappe (one connection per running request or job) would have had open at its peak. A
-  checkout never waits for it: when every open connection is in use the peak grows by one, exactly as
-  plain Frappe would open another connection.
-- a number N: at most N connections; when all N are in use, callers wait in arrival order, across pools.
-- a client budget (`floor`, the registry's budget for pools behind a pgBouncer in transaction mode,
-  db_pool_process_clients): auto with a floor, max(peak, floor). There a kept connection is a pgBouncer
-  client (a few KiB there), not a server: pgBouncer lends a server for one transaction at a time, so
-  keeping a client per site costs no server while it is idle, and the peak rule would only ration clients
-  as if they were servers. A checkout never waits for it either (the peak grows as under auto).
-
-When a connection must be opened and the budget is used up, an idle connection of another pool is closed
-to make room (an eviction, reason "budget"); one in use never is. The one closed is a spare (a pool's older
-idle connection, which LIFO would hand out last), else that of the pool least used over the last
-REUSE_WINDOW checkouts, the least recently returned among equals: under skewed traffic
-the busiest sites keep their connections (simulated, Zipf s=1.1 over 20 sites, 4 kept: 57% of checkouts
-hit, against 45% when the least recently used one goes).
-
-Locking: one lock (`ProcessBudget.lock`) is shared by all the pools of a registry and is every pool's
-`_lock`, so slots, idle lists, the waiter queue and the budget's counters change together and an
-eviction across pools needs no second lock. The registry's own lock (its pool dict) may be held while
-taking it, never the reverse. Nothing slow runs under it: no connect, reset, close or logging. Garbage
-collector callbacks (finalizers) take no lock at all (see PoolRegistry.abandon).
+No Frappe import. It bounds the connections a process keeps open across its pools ("auto": plain
+Frappe's peak of concurrent checkouts; a number; or a client budget for pools behind a pgBouncer in
+transaction mode), queues the callers waiting for a slot in arrival order, picks the idle connection to
+evict when a slot must be made, and decides whether keeping connections pays (the reuse gate). Its one
+lock is every pool's lock. The rationale and the measurements behind it are in docs/budget.md.
 """
 
 from __future__ import annotations
@@ -41,47 +18,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
 	from .pool import ConnectionPool, _Record, _Waiter
 
-# Keeping a connection pays only if it is used again: each miss then costs the return's rollback and
-# reset, and an eviction, on top of the login plain Frappe pays anyway. A checkout "would hit" when its
-# pool was among the last pools to return a connection, as many as could be idle then: the limit less the
-# other checkouts running (what keeping them would have served, were the least recently used evicted;
-# evicting the least used instead hit more often in benchmarks/eviction.py).
-# Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
-# Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
-# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 0-5% (sites.md).
-# The gate opens on evidence: checkouts before the process's first return could not hit whatever was
-# kept, so they are not counted, and only while nothing is counted does it keep by default. A worker
-# (or a gthread worker's first burst) on one site keeps its first connections and logs in once each;
-# traffic spread over many sites stops keeping at its second checkout, not after a warm-up of kept
-# misses (each ~0.3 ms CPU and ~0.9 ms wall more than a closed one: benchmarks/kept_miss.py).
-# The rate is also per site: with skewed traffic the process as a whole may fall below it while its
-# busiest site would hit every second time, or rise above it while its quiet sites' kept connections are
-# only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
-# a quieter one follows the process. A pool with hits that is absent from the process's last
-# REUSE_WINDOW checkouts starts its evidence again: a site busy once does not keep on what it did then.
-# A process that keeps one connection (a sync worker, or db_pool_process_budget 1) evicts it inside the
-# next request for another site, so each kept miss costs a return's rollback and reset and an eviction's
-# round trip on the request path: there keeping must hit more often to pay. Measured on 4 sync workers
-# under Zipf traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site (31% of the
-# traffic) would hit about that often; keeping it at 25% gave x0.99-1.03 req/s and p95 x1.02-1.06 (x1.05
-# and x1.06 with p95 above in 7 of 8 paired rounds); with the gate forced shut (one cell), x1.00 and p95
-# x1.01; at 40%, x0.99-1.03 and p95 x0.95-1.02. A sync worker whose requests open a replica while holding
-# the primary has a limit of 2 but still runs one request at a time, so it too needs 40%: the rate keys on
-# the threads that ever held checkouts at once, not on the limit (a numeric budget above 1 keeps several).
-# A window is a sample: a site that would hit 31% of the time shows 7 of 16 (over 40%) in about one
-# window of five, and 20% shows 4 of 16 (25%) in two of five; keeping on such a window only adds kept
-# misses (benchmarks/miss_path.py: 2 gthread workers over 20 sites, uniform: 3.5-5.3% hits). So the
-# count must be above the threshold by REUSE_MARGIN standard deviations of a binomial count at that rate:
-# 8 of 16 at 40%, 5 of 16 at 25%; 28 and 18 of 64. This halves the openings by chance without removing
-# them, and a site truly above the rate is kept less often (at 45%, 44% of its windows pass, not 63%).
-# Not under POOL_EVIDENCE outcomes (only the process's window is that short, over its first
-# checkouts): those decide at once, as above.
-REUSE_WINDOW = 64
-REUSE_MIN_RATE = 0.25
-REUSE_MIN_RATE_ONE_SLOT = 0.4
-REUSE_MARGIN = 0.5
-POOL_REUSE_WINDOW = 16
-POOL_EVIDENCE = 8
+# The reuse gate: while too few checkouts would have hit a kept connection, returned connections are
+# closed as plain Frappe closes them. The rules and the measurements behind these figures: docs/budget.md.
+REUSE_WINDOW = 64  # the process's last checkouts its rate is taken over
+REUSE_MIN_RATE = 0.25  # the would-hit rate below which keeping does not pay
+REUSE_MIN_RATE_ONE_SLOT = 0.4  # ... where each request's connections are all there is to keep (a sync worker)
+REUSE_MARGIN = 0.5  # standard deviations a window's hits must be above that rate: a window is a sample
+POOL_REUSE_WINDOW = 16  # a pool's own last checkouts
+POOL_EVIDENCE = 8  # outcomes of its own a pool decides on; a quieter pool follows the process
 
 
 class HitWindow:
@@ -121,7 +65,7 @@ class ProcessBudget:
 	def __init__(self, setting: int | None = None, bounded: bool = True, floor: int = 0) -> None:
 		self.lock = threading.Lock()
 		self.setting = setting  # None: auto; else the most connections the process keeps open
-		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (see above)
+		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (docs/budget.md)
 		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
 		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
 		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
