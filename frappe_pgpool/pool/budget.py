@@ -16,7 +16,8 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-	from .pool import ConnectionPool, _Record, _Waiter
+	from .pool import ConnectionPool, _Waiter
+	from .record import Record
 
 # The reuse gate: while too few checkouts would have hit a kept connection, returned connections are
 # closed as plain Frappe closes them. The rules and the measurements behind these figures: docs/budget.md.
@@ -184,7 +185,7 @@ class ProcessBudget:
 		limit = self.limit()
 		return limit is not None and self.open > limit
 
-	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, _Record] | None:
+	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, Record] | None:
 		"""The idle connection to evict, of any pool but `exclude`, with its pool: a spare (a pool's older idle
 		connection), else that of the pool least used lately; among equals the least recently returned."""
 		best = None
@@ -232,7 +233,7 @@ class ProcessBudget:
 			victim_pool._count_eviction()
 			pool._grant_slot_to(waiter, record)  # the victim's slot: it closes it before connecting
 
-	def trim(self) -> list[tuple[ConnectionPool, _Record]]:
+	def trim(self) -> list[tuple[ConnectionPool, Record]]:
 		"""Idle connections above the limit (it was lowered), coldest first (see coldest_idle), to close."""
 		excess = []
 		limit = self.limit()
