@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-	from .pool import ConnectionPool, _Waiter
-	from .record import Record
+from .record import Record
 
 # The reuse gate: while too few checkouts would have hit a kept connection, returned connections are
 # closed as plain Frappe closes them. The rules and the measurements behind these figures: docs/budget.md.
@@ -62,14 +61,67 @@ class HitWindow:
 		return round(self.hits / len(self.outcomes), 3) if self.outcomes else None
 
 
+class BudgetedPool(Protocol):
+	"""What the budget sees of each pool that shares it (a ConnectionPool). All of it under the budget's lock."""
+
+	@property
+	def reuse(self) -> HitWindow:
+		"""Would-hit outcomes of the pool's last checkouts: its own reuse gate, which the budget keeps."""
+		...
+
+	@property
+	def closed(self) -> bool:
+		"""Closed: a connection of it that comes back does not make it one of the pools that returned last."""
+		...
+
+	@property
+	def has_returned(self) -> bool:
+		"""Whether a connection ever came back to it clean: before that, none of its checkouts could hit."""
+		...
+
+	def idle_count(self) -> int: ...
+
+	def in_use_count(self) -> int: ...
+
+	def oldest_idle_returned_at(self) -> float:
+		"""When its oldest idle connection (the one an eviction takes) was returned. Only while one is idle."""
+		...
+
+	def take_idle_for_eviction(self) -> Record:
+		"""Take its oldest idle connection out, counted as evicted for the budget; the caller closes it."""
+		...
+
+	def grant_slot(self, waiter: Waiter, evict: Record | None) -> None:
+		"""Let a queued caller of this pool open a connection in a slot of the budget (counted in `open` by
+		the budget), after closing `evict`, the idle connection evicted for it, if any."""
+		...
+
+
+@dataclass(eq=False)
+class Waiter:
+	"""A caller queued for a slot of the budget (blocked in its pool's getconn), served in arrival order
+	across the pools, by hand-off: a connection of its pool (record), or a slot to open one in."""
+
+	pool: BudgetedPool
+	event: threading.Event = field(default_factory=threading.Event)
+	record: Record | None = None
+	may_connect: bool = False
+	evict: Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
+	over_size: bool = False  # with may_connect: its pool keeps db_pool_size already, so it opens one not kept
+	error: BaseException | None = None
+	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
+	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
+	done: bool = False
+
+
 class ProcessBudget:
 	def __init__(self, setting: int | None = None, bounded: bool = True, floor: int = 0) -> None:
 		self.lock = threading.Lock()
 		self.setting = setting  # None: auto; else the most connections the process keeps open
 		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (docs/budget.md)
 		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
-		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
-		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
+		self.pools: list[BudgetedPool] = []  # open pools sharing this budget
+		self.waiters: deque[Waiter] = deque()  # callers of every pool, in arrival order
 		# gauges
 		self.open = 0  # connections open, being opened or being closed (counted until the close is done)
 		self.active = 0  # checkouts running: from the start of getconn to the end of putconn
@@ -85,13 +137,17 @@ class ProcessBudget:
 		self.overdrafts = 0
 		# the reuse gate (see REUSE_MIN_RATE)
 		self.recent = HitWindow(REUSE_WINDOW)  # would-hit of the process's last checkouts
-		self.returned: deque[ConnectionPool] = deque()  # pools that returned last, newest last
-		self.used: deque[ConnectionPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
-		self.uses: Counter[ConnectionPool] = Counter()  # how often each pool is in `used`
+		self.returned: deque[BudgetedPool] = deque()  # pools that returned last, newest last
+		self.used: deque[BudgetedPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
+		self.uses: Counter[BudgetedPool] = Counter()  # how often each pool is in `used`
 		self.not_reused = 0  # connections closed on return because keeping did not pay
 		self.keeping = True  # False: the process keeps nothing (PoolRegistry.keep_nothing)
 
 	# All methods below run under self.lock.
+
+	def join(self, pool: BudgetedPool) -> None:
+		"""A new pool shares this budget (until forget)."""
+		self.pools.append(pool)
 
 	def limit(self) -> int | None:
 		"""How many connections the process may keep open now; None: no process-wide limit."""
@@ -118,21 +174,21 @@ class ProcessBudget:
 		else:
 			self.holders.pop(thread, None)
 
-	def note_checkout(self, pool: ConnectionPool) -> None:
+	def note_checkout(self, pool: BudgetedPool) -> None:
 		if len(self.used) == self.used.maxlen:
 			oldest = self.used[0]
 			self.uses[oldest] -= 1
 			if not self.uses[oldest]:
 				del self.uses[oldest]
-		if pool not in self.uses and pool._reuse.hits:
+		if pool not in self.uses and pool.reuse.hits:
 			# busy once, not seen for REUSE_WINDOW checkouts: its hits are stale (its misses are not: a
 			# site seldom served keeps counting them, or it would follow a busy process into kept misses)
-			pool._reuse.clear()
+			pool.reuse.clear()
 		self.used.append(pool)
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
-		if self.floor and not pool.stats.returns:
+		if self.floor and not pool.has_returned:
 			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
 			# ever returned one, could not hit whatever was kept, so they say nothing either (else a bench's
 			# first round over 20 sites would shut the gate it opens in the second)
@@ -144,15 +200,17 @@ class ProcessBudget:
 		# spread traffic).
 		if pool in self.returned:
 			room = max(1, (self.limit() or 1) - (self.active - 1))
-			candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
+			candidates = (
+				p for p in reversed(self.returned) if p is pool or p.idle_count() or not p.in_use_count()
+			)
 			would_hit = pool in islice(candidates, room)
 		else:
 			would_hit = False
 		self.recent.add(would_hit)
-		pool._reuse.add(would_hit)
+		pool.reuse.add(would_hit)
 
-	def note_return(self, pool: ConnectionPool) -> None:
-		if pool._closed:  # forgotten at close(): a connection it had out coming back does not revive it
+	def note_return(self, pool: BudgetedPool) -> None:
+		if pool.closed:  # forgotten at close(): a connection it had out coming back does not revive it
 			return
 		if pool in self.returned:
 			self.returned.remove(pool)
@@ -160,15 +218,15 @@ class ProcessBudget:
 		while len(self.returned) > max(1, self.limit() or 1):
 			self.returned.popleft()
 
-	def reuse_pays(self, pool: ConnectionPool | None = None) -> bool:
+	def reuse_pays(self, pool: BudgetedPool | None = None) -> bool:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.keeping:
 			return False
 		if not self.bounded or not self.recent:
 			return True
 		min_rate = self.reuse_min_rate()
-		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
-			return pool._reuse.pays(min_rate)
+		if pool is not None and len(pool.reuse) >= POOL_EVIDENCE:
+			return pool.reuse.pays(min_rate)
 		return self.recent.pays(min_rate)
 
 	def reuse_min_rate(self) -> float:
@@ -185,23 +243,22 @@ class ProcessBudget:
 		limit = self.limit()
 		return limit is not None and self.open > limit
 
-	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, Record] | None:
-		"""The idle connection to evict, of any pool but `exclude`, with its pool: a spare (a pool's older idle
-		connection), else that of the pool least used lately; among equals the least recently returned."""
+	def pool_to_evict_from(self, exclude: BudgetedPool | None = None) -> BudgetedPool | None:
+		"""The pool, other than `exclude`, whose oldest idle connection is the one to evict: a spare (its pool
+		has a newer one idle), else that of the pool least used lately; among equals the least recently returned."""
 		best = None
 		best_rank: tuple[int, float] | None = None
 		for pool in self.pools:
-			if pool is exclude or not pool._idle:
+			if pool is exclude or not pool.idle_count():
 				continue
-			record = pool._idle[0]  # each pool's idle list is in return order: oldest first
 			# a spare (its pool has a newer one idle, which LIFO hands out first) is as cold as it gets
-			uses = 0 if len(pool._idle) > 1 else self.uses.get(pool, 0)
-			rank = (uses, record.returned_at)
+			uses = 0 if pool.idle_count() > 1 else self.uses.get(pool, 0)
+			rank = (uses, pool.oldest_idle_returned_at())
 			if best_rank is None or rank < best_rank:
-				best, best_rank = (pool, record), rank
+				best, best_rank = pool, rank
 		return best
 
-	def forget(self, pool: ConnectionPool) -> None:
+	def forget(self, pool: BudgetedPool) -> None:
 		"""A closed pool: no longer among the pools nor in the usage counts (they hold no closed pool)."""
 		if pool in self.pools:
 			self.pools.remove(pool)
@@ -216,35 +273,31 @@ class ProcessBudget:
 
 		Callers wait only for the budget: a pool's db_pool_size bounds what it keeps, not what it opens (one
 		opened over it is not kept). A caller gets a fresh slot if there is room, else the coldest idle
-		connection of another pool (coldest_idle) is evicted for it. Idle connections of a caller's own pool
-		are never left for this: a returned connection goes to the first waiter, of its pool or not (_check_in).
+		connection of another pool (pool_to_evict_from) is evicted for it. Idle connections of a caller's own
+		pool are never left for this: a returned connection goes to the first waiter, of its pool or not (the
+		pool's check-in).
 		"""
 		for waiter in list(self.waiters):
 			pool = waiter.pool
 			if self.has_room():
 				self.open += 1
-				pool._grant_slot_to(waiter, None)
+				pool.grant_slot(waiter, None)
 				continue
-			victim = self.coldest_idle(exclude=pool)
+			victim = self.pool_to_evict_from(exclude=pool)
 			if victim is None:
 				return  # the budget is used up and nothing is idle: the callers behind wait too
-			victim_pool, record = victim
-			victim_pool._idle.remove(record)
-			victim_pool._count_eviction()
-			pool._grant_slot_to(waiter, record)  # the victim's slot: it closes it before connecting
+			# the victim's slot: the waiter closes it before connecting
+			pool.grant_slot(waiter, victim.take_idle_for_eviction())
 
-	def trim(self) -> list[tuple[ConnectionPool, Record]]:
-		"""Idle connections above the limit (it was lowered), coldest first (see coldest_idle), to close."""
-		excess = []
+	def trim(self) -> list[tuple[BudgetedPool, Record]]:
+		"""Idle connections above the limit (it was lowered), coldest first (see pool_to_evict_from), to close."""
+		excess: list[tuple[BudgetedPool, Record]] = []
 		limit = self.limit()
 		while limit is not None and self.open - len(excess) > limit:
-			victim = self.coldest_idle()
+			victim = self.pool_to_evict_from()
 			if victim is None:
 				break
-			victim_pool, record = victim
-			victim_pool._idle.remove(record)
-			victim_pool._count_eviction()
-			excess.append(victim)
+			excess.append((victim, victim.take_idle_for_eviction()))
 		return excess
 
 	def snapshot(self) -> dict[str, object]:
@@ -254,8 +307,8 @@ class ProcessBudget:
 			**({"process_clients": self.floor} if self.floor else {}),
 			"limit": self.limit(),
 			"open": self.open,
-			"in_use": sum(len(p._in_use) for p in pools),
-			"idle": sum(len(p._idle) for p in pools),
+			"in_use": sum(p.in_use_count() for p in pools),
+			"idle": sum(p.idle_count() for p in pools),
 			"active": self.active,
 			"peak": self.peak,
 			"waiting": len(self.waiters),

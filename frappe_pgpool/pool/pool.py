@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions as ext
 
-from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget
+from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget, Waiter
 from .config import PoolConfig
 from .connection import (
 	Retire,
@@ -61,22 +61,6 @@ def opening_to_keep() -> bool:
 	callable.
 	"""
 	return getattr(_connecting, "keep", True)
-
-
-@dataclass(eq=False)
-class _Waiter:
-	"""A caller blocked in getconn; served in arrival order (across the pools of a budget), by hand-off."""
-
-	pool: ConnectionPool
-	event: threading.Event = field(default_factory=threading.Event)
-	record: Record | None = None
-	may_connect: bool = False
-	evict: Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
-	over_size: bool = False  # with may_connect: its pool keeps db_pool_size already, so it opens one not kept
-	error: BaseException | None = None
-	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
-	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
-	done: bool = False
 
 
 @dataclass
@@ -123,9 +107,9 @@ class ConnectionPool:
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
 		# would-hit of this pool's last checkouts, kept by the budget: its own reuse gate (budget.py)
-		self._reuse = HitWindow(POOL_REUSE_WINDOW)
+		self.reuse = HitWindow(POOL_REUSE_WINDOW)
 		with self._lock:
-			self._budget.pools.append(self)
+			self._budget.join(self)
 
 	# -- checkout ---------------------------------------------------------------------------
 
@@ -164,7 +148,7 @@ class ConnectionPool:
 						break
 					# Nothing idle here: queue, in arrival order across pools, and let the budget serve the
 					# queue; it may grant this caller a slot at once (then it does not wait).
-					waiter = _Waiter(self)
+					waiter = Waiter(self)
 					budget.waiters.append(waiter)
 					budget.dispatch()
 					if not waiter.may_connect and nested:
@@ -172,7 +156,7 @@ class ConnectionPool:
 						# budget instead, as plain Frappe would open a second connection.
 						budget.open += 1
 						budget.overdrafts += 1
-						self._grant_slot_to(waiter, None)
+						self.grant_slot(waiter, None)
 					if waiter.may_connect:
 						waiter.done = True
 					else:  # the only thing a checkout waits for: the budget (see dispatch)
@@ -287,7 +271,7 @@ class ConnectionPool:
 		self._in_use[id(record.conn)] = record
 		self.stats.checkouts += 1
 
-	def _wait(self, waiter: _Waiter, timeout: float) -> Record | None:
+	def _wait(self, waiter: Waiter, timeout: float) -> Record | None:
 		started = self._clock()
 		budget = self._budget
 		try:
@@ -319,7 +303,7 @@ class ConnectionPool:
 		"""Under the lock."""
 		budget = self._budget
 		setting = f"auto (peak {budget.peak})" if budget.setting is None else budget.setting
-		in_use = sum(len(p._in_use) for p in budget.pools)
+		in_use = sum(p.in_use_count() for p in budget.pools)
 		return (
 			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s: the process's "
 			f"connection budget is used up (db_pool_process_budget={setting}: {budget.open} open, {in_use} in use "
@@ -328,7 +312,7 @@ class ConnectionPool:
 			"(db_pool_leak_warning)."
 		)
 
-	def _cancel(self, waiter: _Waiter) -> None:
+	def _cancel(self, waiter: Waiter) -> None:
 		"""The waiting caller gave up: pass on what it was handed meanwhile, or leave the queue."""
 		record = None
 		reason = "budget"  # why the connection left below is closed: an eviction unless said otherwise
@@ -574,20 +558,12 @@ class ConnectionPool:
 				waiter.event.set()
 			else:
 				self._count_eviction()
-				waiter.pool._grant_slot_to(waiter, record)
+				waiter.pool.grant_slot(waiter, record)
 			return None
 		if not self._closed and self._kept() < self.config.size:
 			self._idle.append(record)
 			return None
 		return "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
-
-	def _grant_slot_to(self, waiter: _Waiter, evict: Record | None) -> None:
-		"""Let a queued caller of this pool open a connection (its budget slot is counted). Under the lock."""
-		self._budget.waiters.remove(waiter)
-		waiter.over_size = self._reserve()
-		waiter.may_connect = True
-		waiter.evict = evict
-		waiter.event.set()
 
 	def _count_eviction(self) -> None:
 		"""An idle connection of this pool is closed to make room for another pool's. Under the lock."""
@@ -638,6 +614,38 @@ class ConnectionPool:
 				self.config.leak_warning,
 				stack or "(stack not recorded)",
 			)
+
+	# -- what the budget sees of it (budget.BudgetedPool); under the lock ---------------------
+
+	@property
+	def closed(self) -> bool:
+		return self._closed
+
+	@property
+	def has_returned(self) -> bool:
+		return self.stats.returns > 0
+
+	def idle_count(self) -> int:
+		return len(self._idle)
+
+	def in_use_count(self) -> int:
+		return len(self._in_use)
+
+	def oldest_idle_returned_at(self) -> float:
+		return self._idle[0].returned_at  # the idle list is in return order: oldest first
+
+	def take_idle_for_eviction(self) -> Record:
+		record = self._idle.pop(0)
+		self._count_eviction()
+		return record
+
+	def grant_slot(self, waiter: Waiter, evict: Record | None) -> None:
+		"""Let a queued caller of this pool open a connection (its budget slot is counted)."""
+		self._budget.waiters.remove(waiter)
+		waiter.over_size = self._reserve()
+		waiter.may_connect = True
+		waiter.evict = evict
+		waiter.event.set()
 
 	# -- life cycle -------------------------------------------------------------------------
 
@@ -756,7 +764,7 @@ class ConnectionPool:
 				"wait_seconds_p95": _percentile(waits, 0.95),
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
-				"reuse_rate": self._reuse.rate(),
+				"reuse_rate": self.reuse.rate(),
 				"keeping": self._budget.reuse_pays(self),
 			}
 
