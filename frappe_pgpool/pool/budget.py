@@ -62,38 +62,44 @@ class HitWindow:
 
 
 class BudgetedPool(Protocol):
-	"""What the budget sees of each pool that shares it (a ConnectionPool). All of it under the budget's lock."""
+	"""What the budget sees of each pool that shares it (ConnectionPool is one), and all it does to one: it
+	imports no pool. Read and called under the budget's lock, which is the pool's lock too."""
 
 	@property
 	def reuse(self) -> HitWindow:
-		"""Would-hit outcomes of the pool's last checkouts: its own reuse gate, which the budget keeps."""
+		"""Would-hit outcomes of the pool's own last checkouts (its own reuse gate), kept by the budget."""
 		...
 
 	@property
 	def closed(self) -> bool:
-		"""Closed: a connection of it that comes back does not make it one of the pools that returned last."""
+		"""Whether the pool was closed: it serves no more checkouts, and the budget has forgotten it."""
 		...
 
 	@property
 	def has_returned(self) -> bool:
-		"""Whether a connection ever came back to it clean: before that, none of its checkouts could hit."""
+		"""Whether a connection ever came back to it clean (reset): until then no checkout of it could hit."""
 		...
 
-	def idle_count(self) -> int: ...
+	def idle_count(self) -> int:
+		"""Its connections idle, ready to be handed out."""
+		...
 
-	def in_use_count(self) -> int: ...
+	def in_use_count(self) -> int:
+		"""Its connections checked out."""
+		...
 
 	def oldest_idle_returned_at(self) -> float:
 		"""When its oldest idle connection (the one an eviction takes) was returned. Only while one is idle."""
 		...
 
 	def take_idle_for_eviction(self) -> Record:
-		"""Take its oldest idle connection out, counted as evicted for the budget; the caller closes it."""
+		"""Take its oldest idle connection out, counted as evicted (reason "budget"); whoever gets it closes it,
+		outside the lock, before its slot is used again."""
 		...
 
 	def grant_slot(self, waiter: Waiter, evict: Record | None) -> None:
-		"""Let a queued caller of this pool open a connection in a slot of the budget (counted in `open` by
-		the budget), after closing `evict`, the idle connection evicted for it, if any."""
+		"""Let a queued caller of this pool open a connection, in a budget slot already counted in `open`: a
+		fresh one, or that of `evict`, the idle connection evicted for it, which it closes before connecting."""
 		...
 
 
