@@ -5,7 +5,7 @@
 One process keeps k connections across n sites (the budget); checkouts come one at a time, each for a
 site drawn from a Zipf law (weight 1/rank^s). A checkout hits when its site has a kept connection; a
 miss keeps the new one and evicts another: the least recently used (LRU), or the one of the site least
-used over the last `window` checkouts (what budget.ProcessBudget.coldest_idle does). `top k` is the
+used over the last `window` checkouts (what budget.ProcessBudget.pool_to_evict_from does). `top k` is the
 bound: the share of checkouts for the k busiest sites. A model, not a measurement: no concurrency, and
 every connection is idle between two checkouts.
 """

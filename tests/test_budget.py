@@ -972,7 +972,7 @@ def test_a_connection_opened_while_keeping_does_not_pay_costs_no_more_than_plain
 	with reg._budget.lock:  # the traffic concentrated meanwhile: keeping pays again
 		reg._budget.recent.clear()
 		pool = reg.pools()[keys[0]]
-		pool._reuse.clear()
+		pool.reuse.clear()
 	assert reg.snapshot()["keeping"] is True
 	before = int(bouncer.stats("app1")["total_query_count"])
 	reg.putconn(conn)
@@ -1012,7 +1012,7 @@ def test_the_connect_callable_knows_whether_its_connection_will_be_kept(bouncer,
 	assert opening_to_keep() is True  # outside a connect(): the default for any other caller
 	with reg._budget.lock:  # the traffic concentrates: keeping pays again
 		reg._budget.recent.clear()
-		reg.pools()[keys[0]]._reuse.clear()
+		reg.pools()[keys[0]].reuse.clear()
 	reg.putconn(reg.getconn(keys[0], config, connect(keys[0])))
 	conn = reg.getconn(keys[0], config, connect(keys[0]))  # would hit: opened to be kept
 	reg.putconn(conn)

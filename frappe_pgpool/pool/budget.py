@@ -1,33 +1,10 @@
 """The per-process connection budget, shared by every pool of a registry (all sites and identities).
 
-No Frappe import. One process (a sync worker, a gthread worker, an RQ worker) serves many sites; a pool
-per site that keeps its connections would hold one per site served, and behind pgBouncer in session mode
-each of them pins a server connection. The budget bounds what the process keeps open across all its
-pools:
-
-- "auto" (setting None): no more than the high-water mark of the process's concurrent checkouts, which is
-  what plain Frappe (one connection per running request or job) would have had open at its peak. A
-  checkout never waits for it: when every open connection is in use the peak grows by one, exactly as
-  plain Frappe would open another connection.
-- a number N: at most N connections; when all N are in use, callers wait in arrival order, across pools.
-- a client budget (`floor`, the registry's budget for pools behind a pgBouncer in transaction mode,
-  db_pool_process_clients): auto with a floor, max(peak, floor). There a kept connection is a pgBouncer
-  client (a few KiB there), not a server: pgBouncer lends a server for one transaction at a time, so
-  keeping a client per site costs no server while it is idle, and the peak rule would only ration clients
-  as if they were servers. A checkout never waits for it either (the peak grows as under auto).
-
-When a connection must be opened and the budget is used up, an idle connection of another pool is closed
-to make room (an eviction, reason "budget"); one in use never is. The one closed is a spare (a pool's older
-idle connection, which LIFO would hand out last), else that of the pool least used over the last
-REUSE_WINDOW checkouts, the least recently returned among equals: under skewed traffic
-the busiest sites keep their connections (simulated, Zipf s=1.1 over 20 sites, 4 kept: 57% of checkouts
-hit, against 45% when the least recently used one goes).
-
-Locking: one lock (`ProcessBudget.lock`) is shared by all the pools of a registry and is every pool's
-`_lock`, so slots, idle lists, the waiter queue and the budget's counters change together and an
-eviction across pools needs no second lock. The registry's own lock (its pool dict) may be held while
-taking it, never the reverse. Nothing slow runs under it: no connect, reset, close or logging. Garbage
-collector callbacks (finalizers) take no lock at all (see PoolRegistry.abandon).
+No Frappe import. It bounds the connections a process keeps open across its pools ("auto": plain
+Frappe's peak of concurrent checkouts; a number; or a client budget for pools behind a pgBouncer in
+transaction mode), queues the callers waiting for a slot in arrival order, picks the idle connection to
+evict when a slot must be made, and decides whether keeping connections pays (the reuse gate). Its one
+lock is every pool's lock. The rationale and the measurements behind it are in docs/budget.md.
 """
 
 from __future__ import annotations
@@ -35,53 +12,20 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-	from .pool import ConnectionPool, _Record, _Waiter
+from .record import Record
 
-# Keeping a connection pays only if it is used again: each miss then costs the return's rollback and
-# reset, and an eviction, on top of the login plain Frappe pays anyway. A checkout "would hit" when its
-# pool was among the last pools to return a connection, as many as could be idle then: the limit less the
-# other checkouts running (what keeping them would have served, were the least recently used evicted;
-# evicting the least used instead hit more often in benchmarks/eviction.py).
-# Over the last REUSE_WINDOW checkouts, below REUSE_MIN_RATE, returned connections are closed as plain
-# Frappe closes them (inside the request's transaction, so pgBouncer drops the server too), until the
-# traffic concentrates again. Measured on 20 sites: uniform traffic over them hits 0-5% (sites.md).
-# The gate opens on evidence: checkouts before the process's first return could not hit whatever was
-# kept, so they are not counted, and only while nothing is counted does it keep by default. A worker
-# (or a gthread worker's first burst) on one site keeps its first connections and logs in once each;
-# traffic spread over many sites stops keeping at its second checkout, not after a warm-up of kept
-# misses (each ~0.3 ms CPU and ~0.9 ms wall more than a closed one: benchmarks/kept_miss.py).
-# The rate is also per site: with skewed traffic the process as a whole may fall below it while its
-# busiest site would hit every second time, or rise above it while its quiet sites' kept connections are
-# only evicted. A pool with POOL_EVIDENCE of its own last POOL_REUSE_WINDOW checkouts decides on them;
-# a quieter one follows the process. A pool with hits that is absent from the process's last
-# REUSE_WINDOW checkouts starts its evidence again: a site busy once does not keep on what it did then.
-# A process that keeps one connection (a sync worker, or db_pool_process_budget 1) evicts it inside the
-# next request for another site, so each kept miss costs a return's rollback and reset and an eviction's
-# round trip on the request path: there keeping must hit more often to pay. Measured on 4 sync workers
-# under Zipf traffic over 20 sites (benchmarks/miss_path.py, 8 rounds): the busiest site (31% of the
-# traffic) would hit about that often; keeping it at 25% gave x0.99-1.03 req/s and p95 x1.02-1.06 (x1.05
-# and x1.06 with p95 above in 7 of 8 paired rounds); with the gate forced shut (one cell), x1.00 and p95
-# x1.01; at 40%, x0.99-1.03 and p95 x0.95-1.02. A sync worker whose requests open a replica while holding
-# the primary has a limit of 2 but still runs one request at a time, so it too needs 40%: the rate keys on
-# the threads that ever held checkouts at once, not on the limit (a numeric budget above 1 keeps several).
-# A window is a sample: a site that would hit 31% of the time shows 7 of 16 (over 40%) in about one
-# window of five, and 20% shows 4 of 16 (25%) in two of five; keeping on such a window only adds kept
-# misses (benchmarks/miss_path.py: 2 gthread workers over 20 sites, uniform: 3.5-5.3% hits). So the
-# count must be above the threshold by REUSE_MARGIN standard deviations of a binomial count at that rate:
-# 8 of 16 at 40%, 5 of 16 at 25%; 28 and 18 of 64. This halves the openings by chance without removing
-# them, and a site truly above the rate is kept less often (at 45%, 44% of its windows pass, not 63%).
-# Not under POOL_EVIDENCE outcomes (only the process's window is that short, over its first
-# checkouts): those decide at once, as above.
-REUSE_WINDOW = 64
-REUSE_MIN_RATE = 0.25
-REUSE_MIN_RATE_ONE_SLOT = 0.4
-REUSE_MARGIN = 0.5
-POOL_REUSE_WINDOW = 16
-POOL_EVIDENCE = 8
+# The reuse gate: while too few checkouts would have hit a kept connection, returned connections are
+# closed as plain Frappe closes them. The rules and the measurements behind these figures: docs/budget.md.
+REUSE_WINDOW = 64  # the process's last checkouts its rate is taken over
+REUSE_MIN_RATE = 0.25  # the would-hit rate below which keeping does not pay
+REUSE_MIN_RATE_ONE_SLOT = 0.4  # ... where each request's connections are all there is to keep (a sync worker)
+REUSE_MARGIN = 0.5  # standard deviations a window's hits must be above that rate: a window is a sample
+POOL_REUSE_WINDOW = 16  # a pool's own last checkouts
+POOL_EVIDENCE = 8  # outcomes of its own a pool decides on; a quieter pool follows the process
 
 
 class HitWindow:
@@ -117,14 +61,73 @@ class HitWindow:
 		return round(self.hits / len(self.outcomes), 3) if self.outcomes else None
 
 
+class BudgetedPool(Protocol):
+	"""What the budget sees of each pool that shares it (ConnectionPool is one), and all it does to one: it
+	imports no pool. Read and called under the budget's lock, which is the pool's lock too."""
+
+	@property
+	def reuse(self) -> HitWindow:
+		"""Would-hit outcomes of the pool's own last checkouts (its own reuse gate), kept by the budget."""
+		...
+
+	@property
+	def closed(self) -> bool:
+		"""Whether the pool was closed: it serves no more checkouts, and the budget has forgotten it."""
+		...
+
+	@property
+	def has_returned(self) -> bool:
+		"""Whether a connection ever came back to it clean (reset): until then no checkout of it could hit."""
+		...
+
+	def idle_count(self) -> int:
+		"""Its connections idle, ready to be handed out."""
+		...
+
+	def in_use_count(self) -> int:
+		"""Its connections checked out."""
+		...
+
+	def oldest_idle_returned_at(self) -> float:
+		"""When its oldest idle connection (the one an eviction takes) was returned. Only while one is idle."""
+		...
+
+	def take_idle_for_eviction(self) -> Record:
+		"""Take its oldest idle connection out, counted as evicted (reason "budget"); whoever gets it closes it,
+		outside the lock, before its slot is used again."""
+		...
+
+	def grant_slot(self, waiter: Waiter, evict: Record | None) -> None:
+		"""Let a queued caller of this pool open a connection, in a budget slot already counted in `open`: a
+		fresh one, or that of `evict`, the idle connection evicted for it, which it closes before connecting."""
+		...
+
+
+@dataclass(eq=False)
+class Waiter:
+	"""A caller queued for a slot of the budget (blocked in its pool's getconn), served in arrival order
+	across the pools, by hand-off: a connection of its pool (record), or a slot to open one in."""
+
+	pool: BudgetedPool
+	event: threading.Event = field(default_factory=threading.Event)
+	record: Record | None = None
+	may_connect: bool = False
+	evict: Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
+	over_size: bool = False  # with may_connect: its pool keeps db_pool_size already, so it opens one not kept
+	error: BaseException | None = None
+	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
+	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
+	done: bool = False
+
+
 class ProcessBudget:
 	def __init__(self, setting: int | None = None, bounded: bool = True, floor: int = 0) -> None:
 		self.lock = threading.Lock()
 		self.setting = setting  # None: auto; else the most connections the process keeps open
-		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (see above)
+		self.floor = floor  # under auto, kept up to max(peak, floor): a client budget (docs/budget.md)
 		self.bounded = bounded  # False for a pool on its own (no registry): only its db_pool_size applies
-		self.pools: list[ConnectionPool] = []  # open pools sharing this budget
-		self.waiters: deque[_Waiter] = deque()  # callers of every pool, in arrival order
+		self.pools: list[BudgetedPool] = []  # open pools sharing this budget
+		self.waiters: deque[Waiter] = deque()  # callers of every pool, in arrival order
 		# gauges
 		self.open = 0  # connections open, being opened or being closed (counted until the close is done)
 		self.active = 0  # checkouts running: from the start of getconn to the end of putconn
@@ -140,13 +143,17 @@ class ProcessBudget:
 		self.overdrafts = 0
 		# the reuse gate (see REUSE_MIN_RATE)
 		self.recent = HitWindow(REUSE_WINDOW)  # would-hit of the process's last checkouts
-		self.returned: deque[ConnectionPool] = deque()  # pools that returned last, newest last
-		self.used: deque[ConnectionPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
-		self.uses: Counter[ConnectionPool] = Counter()  # how often each pool is in `used`
+		self.returned: deque[BudgetedPool] = deque()  # pools that returned last, newest last
+		self.used: deque[BudgetedPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
+		self.uses: Counter[BudgetedPool] = Counter()  # how often each pool is in `used`
 		self.not_reused = 0  # connections closed on return because keeping did not pay
 		self.keeping = True  # False: the process keeps nothing (PoolRegistry.keep_nothing)
 
 	# All methods below run under self.lock.
+
+	def join(self, pool: BudgetedPool) -> None:
+		"""A new pool shares this budget (until forget)."""
+		self.pools.append(pool)
 
 	def limit(self) -> int | None:
 		"""How many connections the process may keep open now; None: no process-wide limit."""
@@ -173,21 +180,21 @@ class ProcessBudget:
 		else:
 			self.holders.pop(thread, None)
 
-	def note_checkout(self, pool: ConnectionPool) -> None:
+	def note_checkout(self, pool: BudgetedPool) -> None:
 		if len(self.used) == self.used.maxlen:
 			oldest = self.used[0]
 			self.uses[oldest] -= 1
 			if not self.uses[oldest]:
 				del self.uses[oldest]
-		if pool not in self.uses and pool._reuse.hits:
+		if pool not in self.uses and pool.reuse.hits:
 			# busy once, not seen for REUSE_WINDOW checkouts: its hits are stale (its misses are not: a
 			# site seldom served keeps counting them, or it would follow a busy process into kept misses)
-			pool._reuse.clear()
+			pool.reuse.clear()
 		self.used.append(pool)
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
-		if self.floor and not pool.stats.returns:
+		if self.floor and not pool.has_returned:
 			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
 			# ever returned one, could not hit whatever was kept, so they say nothing either (else a bench's
 			# first round over 20 sites would shut the gate it opens in the second)
@@ -199,15 +206,17 @@ class ProcessBudget:
 		# spread traffic).
 		if pool in self.returned:
 			room = max(1, (self.limit() or 1) - (self.active - 1))
-			candidates = (p for p in reversed(self.returned) if p is pool or p._idle or not p._in_use)
+			candidates = (
+				p for p in reversed(self.returned) if p is pool or p.idle_count() or not p.in_use_count()
+			)
 			would_hit = pool in islice(candidates, room)
 		else:
 			would_hit = False
 		self.recent.add(would_hit)
-		pool._reuse.add(would_hit)
+		pool.reuse.add(would_hit)
 
-	def note_return(self, pool: ConnectionPool) -> None:
-		if pool._closed:  # forgotten at close(): a connection it had out coming back does not revive it
+	def note_return(self, pool: BudgetedPool) -> None:
+		if pool.closed:  # forgotten at close(): a connection it had out coming back does not revive it
 			return
 		if pool in self.returned:
 			self.returned.remove(pool)
@@ -215,15 +224,15 @@ class ProcessBudget:
 		while len(self.returned) > max(1, self.limit() or 1):
 			self.returned.popleft()
 
-	def reuse_pays(self, pool: ConnectionPool | None = None) -> bool:
+	def reuse_pays(self, pool: BudgetedPool | None = None) -> bool:
 		"""Whether connections (of `pool`, else of the process) are worth keeping now (see REUSE_MIN_RATE)."""
 		if not self.keeping:
 			return False
 		if not self.bounded or not self.recent:
 			return True
 		min_rate = self.reuse_min_rate()
-		if pool is not None and len(pool._reuse) >= POOL_EVIDENCE:
-			return pool._reuse.pays(min_rate)
+		if pool is not None and len(pool.reuse) >= POOL_EVIDENCE:
+			return pool.reuse.pays(min_rate)
 		return self.recent.pays(min_rate)
 
 	def reuse_min_rate(self) -> float:
@@ -240,23 +249,22 @@ class ProcessBudget:
 		limit = self.limit()
 		return limit is not None and self.open > limit
 
-	def coldest_idle(self, exclude: ConnectionPool | None = None) -> tuple[ConnectionPool, _Record] | None:
-		"""The idle connection to evict, of any pool but `exclude`, with its pool: a spare (a pool's older idle
-		connection), else that of the pool least used lately; among equals the least recently returned."""
+	def pool_to_evict_from(self, exclude: BudgetedPool | None = None) -> BudgetedPool | None:
+		"""The pool, other than `exclude`, whose oldest idle connection is the one to evict: a spare (its pool
+		has a newer one idle), else that of the pool least used lately; among equals the least recently returned."""
 		best = None
 		best_rank: tuple[int, float] | None = None
 		for pool in self.pools:
-			if pool is exclude or not pool._idle:
+			if pool is exclude or not pool.idle_count():
 				continue
-			record = pool._idle[0]  # each pool's idle list is in return order: oldest first
 			# a spare (its pool has a newer one idle, which LIFO hands out first) is as cold as it gets
-			uses = 0 if len(pool._idle) > 1 else self.uses.get(pool, 0)
-			rank = (uses, record.returned_at)
+			uses = 0 if pool.idle_count() > 1 else self.uses.get(pool, 0)
+			rank = (uses, pool.oldest_idle_returned_at())
 			if best_rank is None or rank < best_rank:
-				best, best_rank = (pool, record), rank
+				best, best_rank = pool, rank
 		return best
 
-	def forget(self, pool: ConnectionPool) -> None:
+	def forget(self, pool: BudgetedPool) -> None:
 		"""A closed pool: no longer among the pools nor in the usage counts (they hold no closed pool)."""
 		if pool in self.pools:
 			self.pools.remove(pool)
@@ -271,35 +279,31 @@ class ProcessBudget:
 
 		Callers wait only for the budget: a pool's db_pool_size bounds what it keeps, not what it opens (one
 		opened over it is not kept). A caller gets a fresh slot if there is room, else the coldest idle
-		connection of another pool (coldest_idle) is evicted for it. Idle connections of a caller's own pool
-		are never left for this: a returned connection goes to the first waiter, of its pool or not (_check_in).
+		connection of another pool (pool_to_evict_from) is evicted for it. Idle connections of a caller's own
+		pool are never left for this: a returned connection goes to the first waiter, of its pool or not (the
+		pool's check-in).
 		"""
 		for waiter in list(self.waiters):
 			pool = waiter.pool
 			if self.has_room():
 				self.open += 1
-				pool._grant_slot_to(waiter, None)
+				pool.grant_slot(waiter, None)
 				continue
-			victim = self.coldest_idle(exclude=pool)
+			victim = self.pool_to_evict_from(exclude=pool)
 			if victim is None:
 				return  # the budget is used up and nothing is idle: the callers behind wait too
-			victim_pool, record = victim
-			victim_pool._idle.remove(record)
-			victim_pool._count_eviction()
-			pool._grant_slot_to(waiter, record)  # the victim's slot: it closes it before connecting
+			# the victim's slot: the waiter closes it before connecting
+			pool.grant_slot(waiter, victim.take_idle_for_eviction())
 
-	def trim(self) -> list[tuple[ConnectionPool, _Record]]:
-		"""Idle connections above the limit (it was lowered), coldest first (see coldest_idle), to close."""
-		excess = []
+	def trim(self) -> list[tuple[BudgetedPool, Record]]:
+		"""Idle connections above the limit (it was lowered), coldest first (see pool_to_evict_from), to close."""
+		excess: list[tuple[BudgetedPool, Record]] = []
 		limit = self.limit()
 		while limit is not None and self.open - len(excess) > limit:
-			victim = self.coldest_idle()
+			victim = self.pool_to_evict_from()
 			if victim is None:
 				break
-			victim_pool, record = victim
-			victim_pool._idle.remove(record)
-			victim_pool._count_eviction()
-			excess.append(victim)
+			excess.append((victim, victim.take_idle_for_eviction()))
 		return excess
 
 	def snapshot(self) -> dict[str, object]:
@@ -309,8 +313,8 @@ class ProcessBudget:
 			**({"process_clients": self.floor} if self.floor else {}),
 			"limit": self.limit(),
 			"open": self.open,
-			"in_use": sum(len(p._in_use) for p in pools),
-			"idle": sum(len(p._idle) for p in pools),
+			"in_use": sum(p.in_use_count() for p in pools),
+			"idle": sum(p.idle_count() for p in pools),
 			"active": self.active,
 			"peak": self.peak,
 			"waiting": len(self.waiters),

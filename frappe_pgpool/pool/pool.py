@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import select
 import threading
 import time
 import traceback
@@ -24,12 +23,11 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions as ext
 
-from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget
+from .budget import POOL_REUSE_WINDOW, HitWindow, ProcessBudget, Waiter
 from .config import PoolConfig
 from .connection import (
 	Retire,
 	SessionDefaults,
-	close_ending_server,
 	close_quietly,
 	disown,
 	is_usable,
@@ -37,6 +35,7 @@ from .connection import (
 	socket_poller,
 )
 from .errors import PoolClosed, PoolTimeout
+from .record import Record
 
 log = logging.getLogger("frappe_pgpool")
 
@@ -62,46 +61,6 @@ def opening_to_keep() -> bool:
 	callable.
 	"""
 	return getattr(_connecting, "keep", True)
-
-
-@dataclass(eq=False)
-class _Record:
-	"""One physical connection and its bookkeeping (SQLAlchemy's _ConnectionRecord)."""
-
-	conn: ext.connection
-	# None: opened while keeping did not pay (see budget.REUSE_MIN_RATE), or over db_pool_size; it is closed
-	# on return as plain Frappe closes it, so nothing a reset would need is recorded (the miss costs no more).
-	defaults: SessionDefaults | None
-	poller: select.poll | None
-	created_at: float
-	expires_at: float
-	returned_at: float = 0.0
-	checked_out_at: float = 0.0
-	checkout_stack: str | None = None
-	leak_reported: bool = False
-	thread: int = 0  # ident of the thread whose checkout holds it (the budget counts per thread)
-	over_size: bool = False  # opened while its pool kept db_pool_size connections: not kept (defaults None)
-	retire: str | None = None  # set by mark(): closed on return for this reason instead of reset
-
-	def end(self, _conn: ext.connection | None = None) -> None:
-		"""Close it as plain Frappe's connection ends: a kept session takes its server with it."""
-		close_ending_server(self.conn, self.defaults is not None and self.defaults.session)
-
-
-@dataclass(eq=False)
-class _Waiter:
-	"""A caller blocked in getconn; served in arrival order (across the pools of a budget), by hand-off."""
-
-	pool: ConnectionPool
-	event: threading.Event = field(default_factory=threading.Event)
-	record: _Record | None = None
-	may_connect: bool = False
-	evict: _Record | None = None  # with may_connect: an evicted idle connection it closes before connecting
-	over_size: bool = False  # with may_connect: its pool keeps db_pool_size already, so it opens one not kept
-	error: BaseException | None = None
-	# Set under the pool lock when the caller took what it was given, or gave up (then whatever a
-	# waker hands it afterwards goes to the next caller): a waiter knows whether it gave up.
-	done: bool = False
 
 
 @dataclass
@@ -141,16 +100,16 @@ class ConnectionPool:
 		# own, without a process-wide limit.
 		self._budget = budget if budget is not None else ProcessBudget(bounded=False)
 		self._lock = self._budget.lock
-		self._idle: list[_Record] = []  # most recently returned last: LIFO keeps few connections warm
-		self._in_use: dict[int, _Record] = {}
+		self._idle: list[Record] = []  # most recently returned last: LIFO keeps few connections warm
+		self._in_use: dict[int, Record] = {}
 		self._opening = 0  # slots reserved by callers that are connecting right now
 		self._opening_over = 0  # ... of which over db_pool_size: not to be kept
 		self._returning = 0  # connections being reset on their way back
 		self._closed = False
 		# would-hit of this pool's last checkouts, kept by the budget: its own reuse gate (budget.py)
-		self._reuse = HitWindow(POOL_REUSE_WINDOW)
+		self.reuse = HitWindow(POOL_REUSE_WINDOW)
 		with self._lock:
-			self._budget.pools.append(self)
+			self._budget.join(self)
 
 	# -- checkout ---------------------------------------------------------------------------
 
@@ -164,7 +123,7 @@ class ConnectionPool:
 		started = nested = over = False
 		waiter = record = conn = None
 		try:
-			stale: list[tuple[_Record, str]] = []
+			stale: list[tuple[Record, str]] = []
 			while True:
 				self._close_records(stale)  # outside the lock; a dead idle connection frees its slot
 				with self._lock:
@@ -189,7 +148,7 @@ class ConnectionPool:
 						break
 					# Nothing idle here: queue, in arrival order across pools, and let the budget serve the
 					# queue; it may grant this caller a slot at once (then it does not wait).
-					waiter = _Waiter(self)
+					waiter = Waiter(self)
 					budget.waiters.append(waiter)
 					budget.dispatch()
 					if not waiter.may_connect and nested:
@@ -197,7 +156,7 @@ class ConnectionPool:
 						# budget instead, as plain Frappe would open a second connection.
 						budget.open += 1
 						budget.overdrafts += 1
-						self._grant_slot_to(waiter, None)
+						self.grant_slot(waiter, None)
 					if waiter.may_connect:
 						waiter.done = True
 					else:  # the only thing a checkout waits for: the budget (see dispatch)
@@ -243,7 +202,7 @@ class ConnectionPool:
 					budget.checkout_ended(thread)
 			raise
 
-	def _open_in_slot(self, connect: Connect, evict: _Record | None, over: bool) -> ext.connection:
+	def _open_in_slot(self, connect: Connect, evict: Record | None, over: bool) -> ext.connection:
 		"""Open a connection in the slot reserved for this caller, closing first the idle one evicted for it."""
 		if evict is not None:
 			try:
@@ -267,7 +226,7 @@ class ConnectionPool:
 			frames = [f for f in traceback.extract_stack(limit=40) if not f.filename.startswith(_PACKAGE_DIR)]
 			record.checkout_stack = "".join(traceback.format_list(frames[-30:]))
 
-	def _take_idle(self) -> tuple[_Record | None, list[tuple[_Record, str]]]:
+	def _take_idle(self) -> tuple[Record | None, list[tuple[Record, str]]]:
 		"""Pop the newest usable idle record; collect the stale ones for closing. Under the lock."""
 		now = self._clock()
 		stale = self._prune_idle(now)
@@ -279,7 +238,7 @@ class ConnectionPool:
 			stale.append((record, reason))
 		return None, stale
 
-	def _prune_idle(self, now: float) -> list[tuple[_Record, str]]:
+	def _prune_idle(self, now: float) -> list[tuple[Record, str]]:
 		"""Drop the oldest idle records past max_idle. Under the lock."""
 		stale = []
 		max_idle = self.config.max_idle
@@ -305,14 +264,14 @@ class ConnectionPool:
 		self._close_records(stale)
 		return len(stale)
 
-	def _hand_out(self, record: _Record) -> None:
+	def _hand_out(self, record: Record) -> None:
 		record.checked_out_at = self._clock()
 		record.leak_reported = False
 		record.checkout_stack = None  # set by the taker (_note_taker), not here: this may be a hand-off
 		self._in_use[id(record.conn)] = record
 		self.stats.checkouts += 1
 
-	def _wait(self, waiter: _Waiter, timeout: float) -> _Record | None:
+	def _wait(self, waiter: Waiter, timeout: float) -> Record | None:
 		started = self._clock()
 		budget = self._budget
 		try:
@@ -344,7 +303,7 @@ class ConnectionPool:
 		"""Under the lock."""
 		budget = self._budget
 		setting = f"auto (peak {budget.peak})" if budget.setting is None else budget.setting
-		in_use = sum(len(p._in_use) for p in budget.pools)
+		in_use = sum(p.in_use_count() for p in budget.pools)
 		return (
 			f"frappe_pgpool: no database connection free for {self.name} after {timeout:g}s: the process's "
 			f"connection budget is used up (db_pool_process_budget={setting}: {budget.open} open, {in_use} in use "
@@ -353,7 +312,7 @@ class ConnectionPool:
 			"(db_pool_leak_warning)."
 		)
 
-	def _cancel(self, waiter: _Waiter) -> None:
+	def _cancel(self, waiter: Waiter) -> None:
 		"""The waiting caller gave up: pass on what it was handed meanwhile, or leave the queue."""
 		record = None
 		reason = "budget"  # why the connection left below is closed: an eviction unless said otherwise
@@ -413,7 +372,7 @@ class ConnectionPool:
 		now = self._clock()
 		# one not kept is closed on return whatever its age: no lifetime to draw
 		expires_at = self._expiry(now) if keeping else math.inf
-		record = _Record(conn, defaults, poller, created_at=now, expires_at=expires_at, over_size=over)
+		record = Record(conn, defaults, poller, created_at=now, expires_at=expires_at, over_size=over)
 		with self._lock:
 			self._opening -= 1
 			self._opening_over -= over
@@ -551,7 +510,7 @@ class ConnectionPool:
 		if reason == "not_reused":
 			self._budget.not_reused += 1
 
-	def _retire_reason(self, record: _Record, discard: bool) -> str | None:
+	def _retire_reason(self, record: Record, discard: bool) -> str | None:
 		conn = record.conn
 		if discard:
 			return "discarded"
@@ -574,7 +533,7 @@ class ConnectionPool:
 			return "pool_closed"
 		return None
 
-	def _check_in(self, record: _Record) -> str | None:
+	def _check_in(self, record: Record) -> str | None:
 		"""A clean connection is free: serve the first waiter it can, or keep it idle. Under the lock.
 
 		Every waiter waits for the process budget (see dispatch); the first to arrive is served: a waiter of
@@ -599,20 +558,12 @@ class ConnectionPool:
 				waiter.event.set()
 			else:
 				self._count_eviction()
-				waiter.pool._grant_slot_to(waiter, record)
+				waiter.pool.grant_slot(waiter, record)
 			return None
 		if not self._closed and self._kept() < self.config.size:
 			self._idle.append(record)
 			return None
 		return "pool_closed" if self._closed else "shrunk"  # size lowered while it was out
-
-	def _grant_slot_to(self, waiter: _Waiter, evict: _Record | None) -> None:
-		"""Let a queued caller of this pool open a connection (its budget slot is counted). Under the lock."""
-		self._budget.waiters.remove(waiter)
-		waiter.over_size = self._reserve()
-		waiter.may_connect = True
-		waiter.evict = evict
-		waiter.event.set()
 
 	def _count_eviction(self) -> None:
 		"""An idle connection of this pool is closed to make room for another pool's. Under the lock."""
@@ -663,6 +614,38 @@ class ConnectionPool:
 				self.config.leak_warning,
 				stack or "(stack not recorded)",
 			)
+
+	# -- what the budget sees of it (budget.BudgetedPool); under the lock ---------------------
+
+	@property
+	def closed(self) -> bool:
+		return self._closed
+
+	@property
+	def has_returned(self) -> bool:
+		return self.stats.returns > 0
+
+	def idle_count(self) -> int:
+		return len(self._idle)
+
+	def in_use_count(self) -> int:
+		return len(self._in_use)
+
+	def oldest_idle_returned_at(self) -> float:
+		return self._idle[0].returned_at  # the idle list is in return order: oldest first
+
+	def take_idle_for_eviction(self) -> Record:
+		record = self._idle.pop(0)
+		self._count_eviction()
+		return record
+
+	def grant_slot(self, waiter: Waiter, evict: Record | None) -> None:
+		"""Let a queued caller of this pool open a connection (its budget slot is counted)."""
+		self._budget.waiters.remove(waiter)
+		waiter.over_size = self._reserve()
+		waiter.may_connect = True
+		waiter.evict = evict
+		waiter.event.set()
 
 	# -- life cycle -------------------------------------------------------------------------
 
@@ -733,7 +716,7 @@ class ConnectionPool:
 		self._budget = ProcessBudget(bounded=False)
 		self._lock = self._budget.lock
 
-	def _close_records(self, stale: list[tuple[_Record, str]]) -> None:
+	def _close_records(self, stale: list[tuple[Record, str]]) -> None:
 		if not stale:
 			return
 		try:
@@ -781,12 +764,12 @@ class ConnectionPool:
 				"wait_seconds_p95": _percentile(waits, 0.95),
 				"wait_seconds_p99": _percentile(waits, 0.99),
 				"oldest_connection_seconds": max((now - r.created_at for r in records), default=0.0),
-				"reuse_rate": self._reuse.rate(),
+				"reuse_rate": self.reuse.rate(),
 				"keeping": self._budget.reuse_pays(self),
 			}
 
 
-def _stale_reason(record: _Record, now: float) -> str | None:
+def _stale_reason(record: Record, now: float) -> str | None:
 	"""Why an idle record must not be handed out (past its lifetime, or closed by the server)."""
 	if now >= record.expires_at:
 		return "lifetime"

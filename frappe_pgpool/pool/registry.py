@@ -479,7 +479,7 @@ def _after_fork_in_child() -> None:
 
 
 def _close_at_exit() -> None:
-	# Kept connections end as plain Frappe's (ConnectionPool.close -> _Record.end): pgBouncer drops their
+	# Kept connections end as plain Frappe's (ConnectionPool.close -> Record.end): pgBouncer drops their
 	# servers; a process that exits without this (os._exit) keeps nothing (PoolRegistry.keep_nothing).
 	for reg in list(_registries):
 		if reg._pid == os.getpid():
