@@ -3,7 +3,7 @@
 The Frappe tier (tests/frappe) may be skipped locally when there is no bench, never where
 PGPOOL_REQUIRE_FRAPPE=1: there a missing bench stops the run before any test, and any skipped
 Frappe-tier test (at run time or at collection) fails the run, named with its reason. Under
-PGPOOL_NO_SKIPS=1 or CI=true (.ci/run sets both) any skip at all, in any tier, fails the run.
+PGPOOL_NO_SKIPS=1 (.ci/run sets it) or CI=true any skip at all, in any tier, fails the run.
 """
 
 from __future__ import annotations
