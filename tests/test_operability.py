@@ -10,6 +10,7 @@ import psycopg2
 import pytest
 
 from frappe_pgpool import bootstrap, doctor, observe, publish
+from frappe_pgpool.doctor import checks
 from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 
@@ -255,7 +256,7 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 		row = {"name": "app1", "pool_mode": None, "pool_size": None, "reserve_pool_size": None}
 		users = {**read.users, "app1": {**row, "max_user_connections": "0", **columns}}
 		return by_check(
-			doctor._check_bouncer(bench, dataclasses.replace(read, users=users), list(bench.sites))
+			checks._check_bouncer(bench, dataclasses.replace(read, users=users), list(bench.sites))
 		)
 
 	assert check()["pool size"].level == "ok" and "19 clients at most for 20" in check()["pool size"].message
@@ -272,7 +273,7 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 	sites = list(bench.sites)
 	assert (
 		"19 clients at most for 23"
-		in by_check(doctor._check_bouncer(bench, renamed, sites))["pool size"].message
+		in by_check(checks._check_bouncer(bench, renamed, sites))["pool size"].message
 	)
 	# 1.24+: client caps per database and per user, effective values in SHOW DATABASES / SHOW USERS
 	assert "max_user_client_connections" not in check(max_user_client_connections="0")
@@ -282,7 +283,7 @@ def test_doctor_reads_a_users_own_pool_settings(cluster):
 	capped_db = dataclasses.replace(
 		read, databases={**read.databases, "app1": {**read.databases["app1"], "max_client_connections": "10"}}
 	)
-	db_refused = by_check(doctor._check_bouncer(bench, capped_db, sites))["max_db_client_connections"]
+	db_refused = by_check(checks._check_bouncer(bench, capped_db, sites))["max_db_client_connections"]
 	assert db_refused.level == "error" and "database app1" in db_refused.message
 
 
