@@ -1,8 +1,5 @@
 __version__ = "0.2.0"  # each release: a CHANGELOG.md entry saying what changed for an operator
 
-# Imported at interpreter start by the package's frappe_pgpool_arm.pth, and by whatever else
-# imports the app (bench commands, hooks): arm() only registers the import trigger, so this
-# stays cheap (os and sys only). See bootstrap.
-from .bootstrap import arm
-
-arm()
+# Importing the package does nothing else: arming is the .pth's job at interpreter start
+# (frappe_pgpool_arm.pth: bootstrap.arm(pth=True)) and the request/job hooks' as a late fallback
+# (arming.py), so that the engine (frappe_pgpool.pool), doctor and the tests import without side effects.

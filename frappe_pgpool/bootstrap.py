@@ -2,7 +2,8 @@
 
 The package ships `frappe_pgpool_arm.pth` at the top of its wheel (and of its editable wheel), so
 pip, uv and `bench get-app` put it in site-packages with the app and remove it with the app. Python
-runs its one line at interpreter start: `import frappe_pgpool`, whose `__init__` calls `arm()`.
+runs its one line at interpreter start: `import frappe_pgpool.bootstrap` and `arm(pth=True)` (the
+package's `__init__` arms nothing: importing the engine or doctor has no side effect).
 `arm()` only puts `_Trigger`, a small finder, first on `sys.meta_path`: the wrappers are installed
 the moment `frappe.database.postgres.database` has been executed, whoever imports it. Nothing else
 is imported until then (no wrapt, no Frappe), so the other interpreters of the venv (pip, bench's

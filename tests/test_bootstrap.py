@@ -125,6 +125,24 @@ def test_the_package_install_arms_every_interpreter_importing_only_bootstrap_and
 	assert not {m for m in probe(python)["modules"] if m.startswith("frappe_pgpool")}
 
 
+def test_importing_the_package_arms_nothing_only_the_pth_and_the_hooks_do():
+	"""Without the .pth (PYTHONPATH entries run no .pth file), importing the engine, doctor or the package
+	leaves sys.meta_path alone: arming is the .pth's job at start, and arming.py's hooks' as a fallback."""
+	paths = os.pathsep.join([str(ROOT), *(p for p in sys.path if p.endswith("site-packages"))])
+	code = (
+		"import sys; before = list(sys.meta_path); "
+		"import frappe_pgpool, frappe_pgpool.pool, frappe_pgpool.doctor, frappe_pgpool.observe; "
+		"untouched = sys.meta_path == before; "
+		"from frappe_pgpool import bootstrap; bootstrap.arm(); "
+		"print(untouched, type(sys.meta_path[0]).__qualname__, bootstrap.armed())"
+	)
+	env = {k: v for k, v in os.environ.items() if k != "FRAPPE_PGPOOL_DISABLE_PATCH"} | {"PYTHONPATH": paths}
+	result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True)
+	assert result.returncode == 0, result.stderr
+	# untouched by the imports; arm() then puts its trigger first, before Frappe's module loads: "start"
+	assert result.stdout.split() == ["True", "_Trigger", "start"]
+
+
 def test_the_wheel_keeps_the_frappe_app_files(wheel):
 	import zipfile
 

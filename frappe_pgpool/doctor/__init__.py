@@ -17,7 +17,9 @@ Each finding says what is wrong, with the numbers, and how to fix it.
 
 The package, from the bottom up: `model` (the bench, its sites and what their processes can hold; no
 I/O), `dsn` (the DSNs doctor connects with, and what of them is safe to show), `bouncer` (pgBouncer's
-admin console), `postgres` (PostgreSQL's limits), `checks` (the findings, and examine() that runs them),
+admin console), `postgres` (PostgreSQL's limits), `wording` (how findings name sites, the fix clauses
+budgets offer), `bouncer_checks` and `server_checks` (the findings against each pgBouncer and each
+PostgreSQL server), `checks` (examine() that runs them all, and the bench's and processes' own checks),
 `report` (the findings as text).
 """
 
