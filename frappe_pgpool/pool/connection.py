@@ -364,8 +364,13 @@ def close_ending_server(conn: ext.connection, drop_server: bool) -> None:
 	leaves without waiting for the answer: pgBouncer sees its client go with a transaction open and closes
 	the server. Nothing is waited for, so another site's stalled network path or busy server never holds
 	up the caller (libpq sends it in non-blocking mode; a full socket buffer only drops the BEGIN). Without
-	pgBouncer the backend ends with the connection anyway. In transaction mode (`drop_server` False) an
-	idle client holds no server: it is closed as it is.
+	pgBouncer the backend ends with the connection anyway. In transaction mode an idle client holds no
+	server, but its last return gave one back to its pgBouncer pool idle, kept there until
+	server_idle_timeout too: the BEGIN has pgBouncer lend that idle server (the most recently used first)
+	and drop it with the client, so evicting kept clients across many sites leaves no idle backend per
+	site either. If the pool has no idle server (all busy, or gone), the BEGIN queues and goes with the
+	client, nothing waiting for it; below pool_size pgBouncer may start a server for it, which then stays
+	idle: one at most per end, in the rare case, where ending without it left one in the common case.
 	"""
 	try:
 		if (

@@ -34,5 +34,6 @@ class Record:
 	retire: str | None = None  # set by mark(): closed on return for this reason instead of reset
 
 	def end(self, _conn: ext.connection | None = None) -> None:
-		"""Close it as plain Frappe's connection ends: a kept session takes its server with it."""
-		close_ending_server(self.conn, self.defaults is not None and self.defaults.session)
+		"""Close it as plain Frappe's connection ends: a kept connection takes its server with it, in session
+		mode the one it pins, in transaction mode the idle one its last return gave back to pgBouncer."""
+		close_ending_server(self.conn, self.defaults is not None)
