@@ -243,3 +243,29 @@ def test_a_bad_process_clients_value_given_to_the_registry_is_logged_once_and_au
 			reg.putconn(reg.getconn(key, TX, factory(tx_bouncer), process_clients="lots"))
 	assert sum("db_pool_process_clients" in r.getMessage() for r in caplog.records) == 1
 	assert "clients" not in reg.snapshot() and reg.budget_of(TX) is reg.budget_of(SESSION)  # auto: off
+
+
+def test_a_site_first_seen_after_the_gate_shut_can_open_it_again(tx_bouncer, reg):
+	"""Traffic spread over 12 sites with 2 kept clients shuts the reuse gate. A site first seen then, and
+	busy from then on, must be able to reopen it: its closed returns count as returns (before: only kept
+	ones did, so its checkouts never counted and it missed all 30)."""
+	reg.set_process_clients(2)
+	connect = factory(tx_bouncer)
+	rounds(reg, keys(tx_bouncer, "spread", 12), TX, connect, 3)
+	assert not reg.snapshot()["clients"]["keeping"]
+	(hot,) = keys(tx_bouncer, "late-hot", 1)
+	rounds(reg, [hot], TX, connect, 30)
+	assert reg.pools()[hot].snapshot()["hits"] >= 20
+
+
+def test_switching_the_client_budget_off_and_on_again_starts_its_gate_afresh(tx_bouncer, reg):
+	"""The pools made again under the switched-on budget are new: the gate's window from before (another
+	rule's) is dropped, so one busy site keeps its client again (before, with the gate counting only pools
+	that had kept a connection: 0 hits in 40)."""
+	connect = factory(tx_bouncer)
+	rounds(reg, keys(tx_bouncer, "flip", 12), TX, connect, 2)
+	reg.set_process_clients("auto")
+	reg.set_process_clients(CLIENTS)
+	(busy,) = keys(tx_bouncer, "flip-busy", 1)
+	rounds(reg, [busy], TX, connect, 40)
+	assert reg.pools()[busy].snapshot()["hits"] >= 30

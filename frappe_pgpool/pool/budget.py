@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -73,11 +74,6 @@ class BudgetedPool(Protocol):
 	@property
 	def closed(self) -> bool:
 		"""Whether the pool was closed: it serves no more checkouts, and the budget has forgotten it."""
-		...
-
-	@property
-	def has_returned(self) -> bool:
-		"""Whether a connection ever came back to it clean (reset): until then no checkout of it could hit."""
 		...
 
 	def idle_count(self) -> int:
@@ -146,10 +142,20 @@ class ProcessBudget:
 		self.returned: deque[BudgetedPool] = deque()  # pools that returned last, newest last
 		self.used: deque[BudgetedPool] = deque(maxlen=REUSE_WINDOW)  # pools of the last checkouts
 		self.uses: Counter[BudgetedPool] = Counter()  # how often each pool is in `used`
+		# pools that ever returned a connection, kept or not (a client budget counts their checkouts only)
+		self.returned_once: weakref.WeakSet[BudgetedPool] = weakref.WeakSet()
 		self.not_reused = 0  # connections closed on return because keeping did not pay
 		self.keeping = True  # False: the process keeps nothing (PoolRegistry.keep_nothing)
 
 	# All methods below run under self.lock.
+
+	def forget_reuse(self) -> None:
+		"""Drop the reuse gate's evidence: what it measured under another rule (a client budget switched
+		on again) says nothing of this one's."""
+		self.recent.clear()
+		self.returned.clear()
+		self.used.clear()
+		self.uses.clear()
 
 	def join(self, pool: BudgetedPool) -> None:
 		"""A new pool shares this budget (until forget)."""
@@ -194,10 +200,10 @@ class ProcessBudget:
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
-		if self.floor and not pool.has_returned:
+		if self.floor and pool not in self.returned_once:
 			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
-			# ever returned one, could not hit whatever was kept, so they say nothing either (else a bench's
-			# first round over 20 sites would shut the gate it opens in the second)
+			# ever returned one (kept or closed), could not hit whatever was kept, so they say nothing either
+			# (else a bench's first round over 20 sites would shut the gate it opens in the second)
 			return
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of
@@ -218,6 +224,7 @@ class ProcessBudget:
 	def note_return(self, pool: BudgetedPool) -> None:
 		if pool.closed:  # forgotten at close(): a connection it had out coming back does not revive it
 			return
+		self.returned_once.add(pool)
 		if pool in self.returned:
 			self.returned.remove(pool)
 		self.returned.append(pool)

@@ -621,10 +621,6 @@ class ConnectionPool:
 	def closed(self) -> bool:
 		return self._closed
 
-	@property
-	def has_returned(self) -> bool:
-		return self.stats.returns > 0
-
 	def idle_count(self) -> int:
 		return len(self._idle)
 

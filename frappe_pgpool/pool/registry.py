@@ -264,6 +264,8 @@ class PoolRegistry:
 		with budget.lock:
 			if floor == budget.floor:
 				return
+			if not budget.floor:
+				budget.forget_reuse()  # switched on: what the gate saw before (another rule) says nothing now
 			budget.floor = floor
 			# switched off: its pools move to db_pool_process_budget at their next checkout (pool()), and
 			# what they keep idle is closed now (below), as the peak rule would not have kept it
