@@ -129,7 +129,22 @@ def test_by_default_doctor_counts_the_peak_rule_and_says_what_opting_in_costs(cl
 	assert found["max_client_conn"].level == "ok"
 	assert "4 web x 1 + 3 job x 1 = 7" in found["max_client_conn"].message
 	assert found["max_connections"].level == "ok" and "up to 7 backends" in found["max_connections"].message
-	offer = found["db_pool_process_clients"]
+	offer = found["client budget"]
 	assert offer.level == "ok" and "under db_pool_process_budget" in offer.message
 	assert "up to 100 servers" in offer.message and "accepts 100 more backends" in offer.fix
 	assert "server_idle_timeout" not in found  # no kept client per site: no idle servers of its own
+
+
+def test_doctor_warns_when_sites_disagree_on_db_pool_process_clients(cluster):
+	"""db_pool_process_clients is process-wide but read from each request's site: one site setting it in
+	its own site_config.json makes every process switch the client budget on and off, closing its kept
+	clients at each switch. "auto", unset and a bad value are all off: no disagreement among them."""
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction") as bouncer:
+		sites = tx_sites(bouncer, 4, clients="auto")
+		same = [sites[0], dataclasses.replace(sites[1], process_clients=None), sites[2]]
+		assert "db_pool_process_clients" not in by_check(examine(bouncer, bench_of(same)))
+		mixed = [*sites[:3], dataclasses.replace(sites[3], process_clients=100)]
+		warning = by_check(examine(bouncer, bench_of(mixed)))["db_pool_process_clients"]
+	assert warning.level == "warn" and "the sites disagree on db_pool_process_clients" in warning.message
+	assert "100 for site04.local" in warning.message and "auto for site01.local" in warning.message
+	assert "common_site_config.json" in warning.fix

@@ -278,7 +278,7 @@ def _clients_offer(bench: Bench, b: Bouncer, pools: list) -> list[Finding]:
 	return [
 		Finding(
 			"ok",
-			"db_pool_process_clients",
+			"client budget",
 			f"{_names(sites)}: pooled in transaction mode under db_pool_process_budget (a process keeps at most "
 			"plain Frappe's peak of connections; a site beyond them logs in per request). With "
 			"db_pool_process_clients set, a process keeps a client per site instead (README: 'Many sites "

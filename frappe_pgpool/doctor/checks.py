@@ -13,7 +13,7 @@ from ..pool.config import parse_process_budget
 from .bouncer import Bouncer
 from .bouncer_checks import ADMIN_FIX, _check_bouncer
 from .dsn import describe_error
-from .model import Bench, Connect, Finding, Site
+from .model import Bench, Connect, Finding, Site, _clients_floor
 from .server_checks import POSTGRES_FIX, _check_servers
 from .wording import _names
 
@@ -58,30 +58,47 @@ def examine(
 
 
 def _budget_consistency(bench: Bench) -> list[Finding]:
-	"""db_pool_process_budget is process-wide: a process applies the value of the site it is serving, so
-	sites that disagree make it change at every request for another site (lowered: idle connections are
-	closed; raised: waiters are let in), and doctor can only count on the largest."""
-	values: dict[str, list[Site]] = {}
-	for s in bench.sites:
-		if s.pooled:
-			try:  # as the process reads it: " Auto " is auto, "4" is 4
-				setting = parse_process_budget(s.process_budget)
-				value = "auto" if setting is None else str(setting)
-			except ConfigError:
-				value = repr(s.process_budget)
-			values.setdefault(value, []).append(s)
-	if len(values) < 2:
-		return []
-	shown = "; ".join(f"{value} for {_names(members)}" for value, members in sorted(values.items()))
-	return [
-		Finding(
-			"warn",
-			"db_pool_process_budget",
-			f"the sites disagree on db_pool_process_budget ({shown}): it is process-wide, so every process "
-			"switches budgets with the site of each request",
-			"set it once in common_site_config.json and remove it from the sites' site_config.json",
+	"""db_pool_process_budget and db_pool_process_clients are process-wide: a process applies the values of
+	the site it is serving, so sites that disagree make it change at every request for another site
+	(a budget lowered: idle connections are closed; raised: waiters are let in; the client budget switched
+	off: its kept clients are closed, on: its pools are made again), and doctor can only count on the
+	largest."""
+	findings = []
+	for key, value_of, why in (
+		("db_pool_process_budget", _budget_text, "switches budgets"),
+		("db_pool_process_clients", _clients_text, "switches the client budget on, off or between sizes"),
+	):
+		values: dict[str, list[Site]] = {}
+		for s in bench.sites:
+			if s.pooled:
+				values.setdefault(value_of(s), []).append(s)
+		if len(values) < 2:
+			continue
+		shown = "; ".join(f"{value} for {_names(members)}" for value, members in sorted(values.items()))
+		findings.append(
+			Finding(
+				"warn",
+				key,
+				f"the sites disagree on {key} ({shown}): it is process-wide, so every process {why} with the "
+				"site of each request",
+				"set it once in common_site_config.json and remove it from the sites' site_config.json",
+			)
 		)
-	]
+	return findings
+
+
+def _budget_text(s: Site) -> str:
+	try:  # as the process reads it: " Auto " is auto, "4" is 4
+		setting = parse_process_budget(s.process_budget)
+		return "auto" if setting is None else str(setting)
+	except ConfigError:
+		return repr(s.process_budget)
+
+
+def _clients_text(s: Site) -> str:
+	"""db_pool_process_clients as a process applies it (unset, "auto" and a bad value: off)."""
+	floor = _clients_floor(s.process_clients)
+	return str(floor) if floor else "auto"
 
 
 def _threads_above_size(bench: Bench) -> list[Finding]:
