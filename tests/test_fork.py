@@ -108,3 +108,31 @@ def test_the_child_runs_its_own_reaper(bouncer, registry):
 		os._exit(code)
 	_, status = os.waitpid(pid, 0)
 	assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("how", ["replaced", "site-closed"])
+def test_a_child_never_terminates_a_connection_held_from_a_pool_the_parent_dropped(bouncer, registry, how):
+	"""A checkout outlives its pool: the pool made again under another budget (its pgBouncer mode changed)
+	or closed with its site. The child must disown that connection too (before: only the registry's live
+	pools were, so the child's close sent a Terminate on the parent's socket and ended its session)."""
+	from frappe_pgpool.pool import PoolConfig
+
+	connect = frappe_like_factory(bouncer)
+	key = key_for(bouncer=bouncer, site=f"fork-{how}")
+	held = registry.getconn(key, PoolConfig(size=2), connect)
+	parent_pid = backend_pid(held)
+	if how == "replaced":
+		registry.set_process_clients(4)  # a client budget, so the transaction-mode config moves the pool
+		registry.putconn(registry.getconn(key, PoolConfig(size=2, pgbouncer_mode="transaction"), connect))
+	else:
+		registry.close_site(key.site)
+	assert registry.pools().get(key) is None or registry.pools()[key].config.pgbouncer_mode == "transaction"
+
+	def child() -> int:
+		held.close()
+		gc.collect()
+		return 0
+
+	assert run_in_child(child) == 0
+	assert backend_pid(held) == parent_pid and scalar(held, "SELECT 1") == 1
+	assert registry.putconn(held)  # closed on return: its pool is gone

@@ -426,8 +426,9 @@ class PoolRegistry:
 			pool.close()
 
 	def after_fork_in_child(self) -> None:
-		"""Runs in the child right after fork(): forget the parent's pools without a Terminate."""
-		for pool in self._pools.values():
+		"""Runs in the child right after fork(): forget the parent's pools without a Terminate, those it
+		dropped or closed too while a checkout of theirs is still out."""
+		for pool in {*self._pools.values(), *self._dropped_pools, *self._owner.values()}:
 			pool.disown_all()
 		self._pools = {}
 		self._sites = set()
