@@ -98,6 +98,13 @@ def _wait_for_port(port: int, proc: subprocess.Popen | None, log: Path, what: st
 	raise RuntimeError(f"{what} did not listen on port {port} within {STARTUP_TIMEOUT:g}s:\n{_tail(log)}")
 
 
+def _conf_value(value: object) -> str:
+	"""A postgresql.conf value: numbers as they are, anything else a quoted string."""
+	if isinstance(value, (int, float)) and not isinstance(value, bool):
+		return str(value)
+	return "'" + str(value).replace("'", "''") + "'"
+
+
 class PostgresCluster:
 	"""A fresh cluster from initdb: trust auth on loopback, SCRAM-hashed passwords for pgBouncer."""
 
@@ -146,7 +153,7 @@ class PostgresCluster:
 					"fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n"
 					"shared_buffers = 32MB\npassword_encryption = 'scram-sha-256'\n"
 				)
-				conf.writelines(f"{name} = {value!r}\n" for name, value in self._settings.items())
+				conf.writelines(f"{name} = {_conf_value(value)}\n" for name, value in self._settings.items())
 		self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
 		self._started = True
 		atexit.register(self.stop)
