@@ -9,6 +9,14 @@ import sys
 import click
 from frappe.commands import get_site, pass_context
 
+from .. import bootstrap
+
+# Every bench command imports this module (bench collects the apps' commands) before Frappe's PostgreSQL
+# module: arm here, so that a bench process arms at start even where the .pth did not run (an interpreter
+# started without site-packages' .pth files, an app on PYTHONPATH). Importing the package itself arms
+# nothing (frappe_pgpool/__init__.py); arming twice is a no-op.
+bootstrap.arm()
+
 
 @click.group("pgpool")
 def pgpool() -> None:

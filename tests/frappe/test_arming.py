@@ -409,6 +409,16 @@ def test_without_start_arming_the_hooks_arm_each_process_and_say_so_once():
 	assert stale_logins == 2 * len(stale_lines)
 
 
+def test_a_bench_command_arms_at_start_without_the_pth():
+	"""Every bench command imports the app's commands before Frappe's PostgreSQL module, and that import
+	arms (importing the package itself arms nothing): so `bench worker`, `bench execute`, `migrate` and the
+	scheduler arm at start even in an environment whose .pth did not run."""
+	sp = site_packages(BENCH_PYTHON)
+	with moved_aside(arming_pth_files(sp)):
+		printed = bench_from(BENCH_PYTHON, "execute", "frappe_pgpool.bootstrap.armed", site=SITE)
+	assert json.loads(printed.strip().splitlines()[-1]) == "start", printed
+
+
 def test_every_interpreter_of_the_bench_env_is_armed_without_importing_wrapt():
 	(state,), _ = run_python(
 		BENCH_PYTHON,
