@@ -138,7 +138,7 @@ def main() -> int:
 	zero = {(r["endpoint"], r["pool"]): r for r in rows if r["placement"] == "proxy 0 ms"}
 	lines += ["", "Proxy's own overhead (0 ms vs direct), p50:", ""]
 	for key, r in zero.items():
-		lines.append(f"- {key[0]} pool {key[1]}: +{r['p50'] - direct[key]['p50']:.2f} ms")
+		lines.append(f"- {key[0]} pool {key[1]}: {r['p50'] - direct[key]['p50']:+.2f} ms")
 	lines += ["", "![plot](distance.png) (drawn by `benchmarks/plot.py`)"]
 	(args.out / "distance.md").write_text("\n".join(lines) + "\n")
 	print("\n".join(lines))
