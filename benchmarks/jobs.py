@@ -34,18 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import load_average, provenance  # noqa: E402
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites  # noqa: E402
 from tests.frappe.bench import BENCH, SITE, bench_problem, run_in_bench  # noqa: E402
 from tests.frappe.sites import (  # noqa: E402
@@ -119,32 +118,10 @@ with frappe.init_site():
 out(0)
 """
 
-VERSIONS = """
-import frappe, rq, psycopg2, sys
-out({"frappe": frappe.__version__, "rq": rq.__version__, "psycopg2": psycopg2.__version__.split()[0],
-     "python": sys.version.split()[0]})
+RQ_VERSION = """
+import rq
+out(rq.__version__)
 """
-
-
-def code_version() -> str:
-	def git(*args: str) -> str:
-		return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-	dirty = git("status", "--porcelain", "--", "frappe_pgpool", "benchmarks/jobs.py")
-	return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
-
-
-def versions() -> dict:
-	(found,) = run_in_bench(VERSIONS)
-	found["postgresql"] = upstream().query("SHOW server_version")[0][0]
-	pgbouncer = os.environ.get("PGPOOL_PGBOUNCER") or "pgbouncer"
-	try:
-		out = subprocess.run([pgbouncer, "--version"], capture_output=True, text=True).stdout
-		found["pgbouncer"] = out.split("\n")[0].split()[-1]
-	except OSError:
-		found["pgbouncer"] = "?"
-	found["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
-	return found
 
 
 def enqueue(plan: list[list]) -> list[str]:
@@ -356,13 +333,13 @@ def rss_row(name, extra: list[str], budget, quick, args) -> dict:
 
 
 def render(data: dict) -> str:
-	v = data["versions"]
 	lines = [
 		"# Background jobs: forking `bench worker` vs `bench pgpool worker`",
 		"",
-		f"frappe_pgpool {data['commit']}; Frappe {v['frappe']}, rq {v['rq']}, Python {v['python']}, psycopg2 "
-		f"{v['psycopg2']}, PostgreSQL {v['postgresql']}, pgBouncer {v['pgbouncer']} (session mode, SCRAM); "
-		f"{v['machine']}; {data['date']}. `python benchmarks/jobs.py {' '.join(data['argv'])}`.",
+		data["provenance"],
+		"",
+		f"rq {data['rq']}; pgBouncer in session mode, SCRAM. Load average (1/5/15 min) at the end: "
+		f"{data['load_at_end']} (the start's is in the line above).",
 		"",
 		f"{data['args']['jobs']} short jobs (insert a ToDo, read it back) round-robin over "
 		f"{data['args']['sites']} quick sites, enqueued ahead on queue `short`, {data['args']['workers']} worker "
@@ -438,17 +415,13 @@ def main() -> int:
 	if problem:
 		print(problem, file=sys.stderr)
 		return 2
-	commit = code_version()
-	found = versions()
-	print(f"frappe_pgpool {commit}; {found}", flush=True)
+	(rq_version,) = run_in_bench(RQ_VERSION)
 	names = [f"jobs{i:02d}.local" for i in range(1, args.sites + 1)]
 	# job results kept 2 h (Frappe's default, 10 min, is shorter than a forking run: their timestamps would expire)
 	quick = make_quick_sites(BENCH, SITE, names, config={"rq_results_ttl": 7200})
 	data = {
-		"commit": commit,
-		"versions": found,
-		"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-		"argv": sys.argv[1:],
+		"provenance": "",  # once pgBouncer runs
+		"rq": rq_version,
 		"args": {"sites": args.sites, "jobs": args.jobs, "workers": args.workers, "rss_jobs": args.rss_jobs},
 		"throughput": [],
 		"timeout": [],
@@ -464,6 +437,10 @@ def main() -> int:
 			bouncer = start_bouncer(quick, "session", default_pool_size=args.sites * args.workers + 5)
 			point_at(names, bouncer.host, bouncer.port)
 			try:
+				data["provenance"] = provenance(
+					postgres=upstream().connect, pgbouncer=bouncer.admin, bench=BENCH
+				)
+				print(data["provenance"], flush=True)
 				for name, shape, budget in shapes:
 					data["throughput"].append(throughput_row(name, shape, budget, quick, bouncer, args))
 				if not args.skip_timeout:
@@ -493,6 +470,7 @@ def main() -> int:
 	finally:
 		if not args.keep_sites:
 			remove_quick_sites(BENCH, names)
+	data["load_at_end"] = load_average()
 	args.out.mkdir(parents=True, exist_ok=True)
 	(args.out / "jobs.json").write_text(json.dumps(data, indent=1, default=str))
 	(args.out / "jobs.md").write_text(render(json.loads(json.dumps(data, default=str))))

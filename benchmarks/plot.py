@@ -140,7 +140,10 @@ def main() -> int:
 	for name, draw in (("e2e", e2e), ("e2e-gthread", e2e), ("distance", distance), ("sites", sites)):
 		source = out / f"{name}.json"
 		if source.exists():
-			draw(json.loads(source.read_text()), out / f"{name}.png")
+			data = json.loads(source.read_text())
+			if name != "sites" and isinstance(data, dict):  # {"provenance": ..., "rows": [...]}
+				data = data["rows"]
+			draw(data, out / f"{name}.png")
 			print(f"wrote {out / name}.png")
 	return 0
 
