@@ -107,11 +107,15 @@ def check_provenance(problems: list[str], notes: list[str]) -> None:
 			notes.append(f"{rel}:{n}: names commit {commit}, but not the full provenance (no 'Ran on:' line)")
 
 
-def cited(line: str) -> list[str]:
+def cited(line: str, beside: Path | None = None) -> list[str]:
+	"""The results files a doc line cites; a bare name that is also a file `beside` the doc (docs/jobs.md
+	next to results/jobs.md) is that file, unless written with benchmarks/results/."""
 	names = []
 	for m in CITE.finditer(line):
 		name = m.group(1)
 		if not (RESULTS / name).exists():
+			continue
+		if beside is not None and "results/" not in m.group(0) and (beside / name).exists():
 			continue
 		md = name if name.endswith((".md", ".txt")) else name.rsplit(".", 1)[0] + ".md"
 		if (RESULTS / md).exists() and md not in names:
@@ -172,7 +176,7 @@ def check_docs(problems: list[str], wide: bool) -> int:
 		if wide:
 			previous: tuple[list[int], list[str]] | None = None
 			for group in passages(lines):
-				names = [n for i in group for n in cited(lines[i])]
+				names = [n for i in group for n in cited(lines[i], doc.parent)]
 				is_table = lines[group[0]].strip().startswith("|")
 				if (
 					not names
@@ -187,7 +191,7 @@ def check_docs(problems: list[str], wide: bool) -> int:
 					scope[i] = list(dict.fromkeys(names))
 				previous = (group, names)
 		else:
-			scope = {i: cited(line) for i, line in enumerate(lines)}
+			scope = {i: cited(line, doc.parent) for i, line in enumerate(lines)}
 		for i, names in scope.items():
 			line = lines[i]
 			if not names:
