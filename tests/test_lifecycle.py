@@ -27,7 +27,7 @@ from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 from frappe_pgpool.testing.proxy import StallingProxy
 
-from .conftest import USERS, frappe_like_factory, key_for, scalar
+from .conftest import USERS, frappe_like_factory, key_for, scalar, wait_for
 
 HANG = 20.0  # seconds before a checkout still blocked counts as hung
 
@@ -129,18 +129,7 @@ def test_an_evicted_session_mode_connection_takes_its_server_with_it(cluster, re
 		assert servers(bouncer, "app2") == 1
 		conn = registry.getconn(key_a, config, frappe_like_factory(bouncer), 1)  # evicts B's
 		registry.putconn(conn)
-		assert wait_for(lambda: servers(bouncer, "app2") == 0), pools(bouncer, "app2")
-
-
-def wait_for(condition, attempts: int = 100) -> bool:
-	"""pgBouncer accounts a client's disconnect asynchronously: poll its console a bounded number of times."""
-	import time
-
-	for _ in range(attempts):
-		if condition():
-			return True
-		time.sleep(0.05)
-	return condition()
+		wait_for(lambda: servers(bouncer, "app2") == 0, lambda: str(pools(bouncer, "app2")))
 
 
 def test_a_transaction_mode_return_leaves_no_session_advisory_lock_on_the_lent_server(cluster, registry):
@@ -225,7 +214,9 @@ def test_a_failed_transaction_mode_request_leaves_no_prepared_statement_and_wait
 
 		waiting = threading.Thread(target=hold_the_server, daemon=True)
 		waiting.start()
-		assert wait_for(lambda: int(pools(bouncer, "app1").get("cl_waiting", 0)) == 1)
+		wait_for(
+			lambda: int(pools(bouncer, "app1").get("cl_waiting", 0)) == 1, "a client queued in pgBouncer"
+		)
 		returned = threading.Thread(target=registry.putconn, args=(conn,), daemon=True)
 		returned.start()
 		returned.join(HANG)
@@ -295,7 +286,7 @@ def test_a_process_that_exits_leaves_pgbouncer_no_server(cluster):
 		)
 		done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
 		assert done.returncode == 0, done.stderr
-		assert wait_for(lambda: servers(bouncer, "app1") == 0), pools(bouncer, "app1")
+		wait_for(lambda: servers(bouncer, "app1") == 0, lambda: str(pools(bouncer, "app1")))
 
 
 def test_keep_nothing_makes_a_process_close_as_plain_frappe(cluster, registry):
@@ -312,7 +303,7 @@ def test_keep_nothing_makes_a_process_close_as_plain_frappe(cluster, registry):
 		registry.putconn(conn)
 		assert int(bouncer.stats("app1")["total_query_count"]) == before
 		assert registry.pool(key, config).snapshot()["idle"] == 0
-		assert wait_for(lambda: servers(bouncer, "app1") == 0), pools(bouncer, "app1")
+		wait_for(lambda: servers(bouncer, "app1") == 0, lambda: str(pools(bouncer, "app1")))
 
 
 def test_a_revoked_role_stops_being_served_within_the_lifetime(cluster, registry):

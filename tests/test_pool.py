@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -11,7 +10,7 @@ import pytest
 
 from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolTimeout, ProcessBudget
 
-from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
+from .conftest import HANG, USERS, backend_pid, frappe_like_factory, key_for, scalar, wait_for
 
 
 def unit_of_work(conn: ext.connection, sql: str = "SELECT 1") -> None:
@@ -211,17 +210,15 @@ def test_exhaustion_waits_then_raises_a_clear_error(bouncer, config):
 
 
 def test_a_returned_connection_goes_to_the_waiter_first(bouncer):
-	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=5), budget=ProcessBudget(setting=1))
+	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=HANG), budget=ProcessBudget(setting=1))
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
 	got: list[ext.connection] = []
 	waiter = threading.Thread(target=lambda: got.append(pool.getconn(connect)))
 	waiter.start()
-	deadline = time.monotonic() + 5
-	while pool.snapshot()["waiting"] == 0 and time.monotonic() < deadline:
-		time.sleep(0.001)
+	wait_for(lambda: pool.snapshot()["waiting"] == 1, "the waiter queued")
 	pool.putconn(conn)
-	waiter.join(5)
+	waiter.join(HANG)
 	assert got == [conn]  # handed over, not reopened
 	stats = pool.snapshot()
 	assert (stats["created"], stats["in_use"], stats["waiting"]) == (1, 1, 0)
