@@ -187,7 +187,13 @@ def test_pause_drains_a_quiet_process_within_max_idle(cluster, registry):
 			registry.putconn(conn)
 		# PAUSE returns once the reaper has closed both idle connections (a hang detector otherwise)
 		completes(lambda: bouncer.admin("PAUSE app1"))
-		stats = registry.pool(key, config).snapshot()  # taken while still paused: the reaper drained it
+		# the reaper counts its closes after closing the sockets (which is what let PAUSE return): the
+		# counts land in its own time, waited for while still paused
+		pool = registry.pool(key, config)
+		wait_for(
+			lambda: sum(pool.snapshot()["closed"].values()) == 2, lambda: f"closes counted: {pool.snapshot()}"
+		)
+		stats = pool.snapshot()  # taken while still paused: the reaper drained it
 		bouncer.admin("RESUME app1")
 		assert stats["size"] == 0 and stats["closed"] == {"idle": 2}
 
