@@ -51,7 +51,7 @@ def in_thread(fn):
 	result = []
 	thread = threading.Thread(target=lambda: result.append(fn()))
 	thread.start()
-	thread.join(10)
+	thread.join(HANG)
 	return result[0]
 
 
@@ -297,7 +297,7 @@ def test_numeric_budget_waits_in_arrival_order_across_sites(bouncer, reg):
 		try:
 			conn = reg.getconn(keys[n], config, connects[keys[n]], process_budget=2)
 			order.append(n)
-			release[n].wait(10)
+			release[n].wait(HANG)
 			reg.putconn(conn)
 		except BaseException as e:
 			errors.append(e)
@@ -322,7 +322,7 @@ def test_numeric_budget_waits_in_arrival_order_across_sites(bouncer, reg):
 	for n in (4, 0):
 		release[n].set()
 	for t in threads:
-		t.join(10)
+		t.join(HANG)
 	assert not errors
 	snap = reg.snapshot()
 	assert snap["open"] == 2 and snap["in_use"] == 0 and snap["waiting"] == 0
@@ -405,7 +405,7 @@ def test_a_budget_waiter_that_gives_up_as_a_connection_is_evicted_for_it_frees_t
 	# delivered when the thread runs Python code again, i.e. when the return wakes it
 	ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(JobTimeout))
 	reg.putconn(held)
-	t.join(5)
+	t.join(HANG)
 	assert len(outcome) == 1 and isinstance(outcome[0], JobTimeout)
 	assert held.closed  # evicted for the waiter, which gave up: closed, not left half-owned
 	snap = reg.snapshot()
@@ -495,7 +495,7 @@ def test_a_burst_of_first_checkouts_on_one_site_keeps_them_all(bouncer, reg):
 	def thread() -> None:
 		try:
 			conn = reg.getconn(key, config, connect)
-			together.wait(5)  # all four held at once
+			together.wait(HANG)  # all four held at once
 			reg.putconn(conn)
 			for _ in range(50):
 				reg.putconn(reg.getconn(key, config, connect))
@@ -506,7 +506,7 @@ def test_a_burst_of_first_checkouts_on_one_site_keeps_them_all(bouncer, reg):
 	for t in threads:
 		t.start()
 	for t in threads:
-		t.join(20)
+		t.join(HANG)
 	assert not errors
 	assert bouncer.logins("app1") - logins == 4
 	snap = reg.snapshot()
@@ -663,7 +663,7 @@ def test_a_thread_holding_a_checkout_is_never_made_to_wait_for_the_budget(bounce
 
 	thread = threading.Thread(target=other)
 	thread.start()
-	thread.join(5)
+	thread.join(HANG)
 	assert errors and "db_pool_process_budget" in str(errors[0])
 	reg.putconn(held)
 

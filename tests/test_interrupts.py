@@ -131,7 +131,7 @@ def test_gc_finalizer_run_while_the_pool_lock_is_held_does_not_deadlock(bouncer,
 		got: list = []
 		t = threading.Thread(target=lambda: got.append(reg.getconn(key, config, connect)), daemon=True)
 		t.start()
-		t.join(5)
+		t.join(HANG)
 		deadlocked = t.is_alive()
 		assert not deadlocked, "the finalizer deadlocked on the pool lock"
 		assert under_lock == [True] and len(got) == 1
@@ -172,7 +172,7 @@ def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
 	got: list = []
 	holder = threading.Thread(target=lambda: got.append(pool.getconn(connect)))
 	holder.start()
-	holder.join(5)
+	holder.join(HANG)
 	(held,) = got
 	with alarm(0.2), pytest.raises(JobTimeout):  # the alarm ends the wait, not db_pool_timeout
 		pool.getconn(connect)
@@ -211,7 +211,7 @@ def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, di
 	wait_for(lambda: pool.snapshot()["waiting"] == 1)
 	raise_in_thread(t, JobTimeout)  # delivered when it wakes: blocked threads run no Python code
 	pool.putconn(held, discard=discard)
-	t.join(5)
+	t.join(HANG)
 	assert len(outcome) == 1 and isinstance(outcome[0], JobTimeout)
 	assert accounting(pool) == ((0, 0, 0, 0, 0) if discard else (1, 1, 0, 0, 0))
 	conn = pool.getconn(connect, timeout=1)
