@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -110,6 +112,21 @@ def completes(fn, within: float = HANG):
 	if not ok:
 		raise value
 	return value
+
+
+def wait_for(predicate, what: str | Callable[[], str] = "the awaited state", within: float = HANG) -> None:
+	"""Poll until predicate() holds: a HANG detector at `within` seconds, never a speed bound.
+
+	For a state another thread, process, pgBouncer or PostgreSQL reaches in its own time (a slot freed, a
+	server dropped, a waiter queued): wait for the state itself, not for a sleep guessed to be long enough.
+	`what` names it in the failure (a callable is called then, e.g. to show pgBouncer's view).
+	"""
+	deadline = time.monotonic() + within
+	while not predicate():
+		if time.monotonic() > deadline:
+			detail = what() if callable(what) else what
+			raise AssertionError(f"still not reached after {within:.0f} s: {detail}")
+		time.sleep(0.005)
 
 
 REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"

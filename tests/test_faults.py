@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import psycopg2
 import pytest
@@ -12,15 +11,7 @@ import pytest
 from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolKey, PoolRegistry, ProcessBudget
 from frappe_pgpool.testing.cluster import PgBouncer
 
-from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
-
-
-def wait_until(predicate, what: str, within: float = 60) -> None:
-	"""Poll a state until it holds; a hang detector at `within` seconds, not a speed bound."""
-	deadline = time.monotonic() + within
-	while not predicate():
-		assert time.monotonic() < deadline, f"never reached: {what}"
-		time.sleep(0.02)
+from .conftest import HANG, USERS, backend_pid, frappe_like_factory, key_for, scalar, wait_for
 
 
 def test_pgbouncer_down_fails_fast_then_heals(cluster, registry):
@@ -56,9 +47,7 @@ def test_pgbouncer_client_idle_timeout_never_reaches_a_request(cluster, registry
 		key = key_for(bouncer=bouncer, site="idle-below")
 		registry.putconn(registry.getconn(key, below, connect))
 		# the reaper closes it once idle for max_idle: waited for as a state, not a guessed sleep
-		wait_until(
-			lambda: registry.pool(key, below).snapshot()["closed"] == {"idle": 1}, "the reaper's close"
-		)
+		wait_for(lambda: registry.pool(key, below).snapshot()["closed"] == {"idle": 1}, "the reaper's close")
 		conn = registry.getconn(key, below, connect)
 		assert scalar(conn, "SELECT 1") == 1
 		registry.putconn(conn)
@@ -68,14 +57,12 @@ def test_pgbouncer_client_idle_timeout_never_reaches_a_request(cluster, registry
 		key = key_for(bouncer=bouncer, site="idle-above")
 		timeouts_so_far = bouncer.read_log().count("client_idle_timeout")
 		registry.putconn(registry.getconn(key, above, connect))
-		wait_until(
+		wait_for(
 			lambda: bouncer.read_log().count("client_idle_timeout") > timeouts_so_far,
 			"pgBouncer's client_idle_timeout",
 		)
 		# pgBouncer has closed the client (it lists none for app1): its socket is closed, not closing
-		wait_until(
-			lambda: not [c for c in bouncer.clients() if c["database"] == "app1"], "the client's close"
-		)
+		wait_for(lambda: not [c for c in bouncer.clients() if c["database"] == "app1"], "the client's close")
 		conn = registry.getconn(key, above, connect)
 		assert scalar(conn, "SELECT 1") == 1
 		registry.putconn(conn)
@@ -104,14 +91,15 @@ def test_ten_thousand_operations_with_failures_leave_nothing_in_use(bouncer, reg
 
 
 def test_leak_warning_names_where_the_connection_was_taken(bouncer, caplog):
-	pool = ConnectionPool("site leaky.local", PoolConfig(size=3, leak_warning=0.2))
+	now = [0.0]  # the pool's clock, moved by the test: `held` is out too long when it says so
+	pool = ConnectionPool("site leaky.local", PoolConfig(size=3, leak_warning=0.2), clock=lambda: now[0])
 	connect = frappe_like_factory(bouncer)
 
 	def take_and_forget():
 		return pool.getconn(connect)
 
 	held = take_and_forget()
-	time.sleep(0.3)
+	now[0] += 0.3
 	with caplog.at_level(logging.WARNING, logger="frappe_pgpool"):
 		pool.putconn(pool.getconn(connect))
 	(record,) = [r for r in caplog.records if "checked out for" in r.getMessage()]
@@ -136,11 +124,10 @@ def test_waiters_are_served_in_arrival_order(bouncer):
 		t = threading.Thread(target=waiter, args=(n,))
 		t.start()
 		threads.append(t)
-		while pool.snapshot()["waiting"] < n + 1:
-			time.sleep(0.001)
+		wait_for(lambda n=n: pool.snapshot()["waiting"] == n + 1, f"waiter {n} queued")
 	pool.putconn(conn)
 	for t in threads:
-		t.join(10)
+		t.join(HANG)
 	assert order == [0, 1, 2, 3, 4]
 	assert pool.snapshot()["created"] == 1
 	pool.close()
@@ -148,7 +135,8 @@ def test_waiters_are_served_in_arrival_order(bouncer):
 
 def test_no_password_in_errors_logs_or_stats(cluster, bouncer, caplog):
 	password = USERS["app1"]
-	registry = PoolRegistry()
+	now = [0.0]  # the pools' clock, moved by the test: the leak warning below is logged when it says so
+	registry = PoolRegistry(clock=lambda: now[0])
 	key = PoolKey.make("secret.local", bouncer.host, bouncer.port, "app1", "app1", password)
 	config = PoolConfig(size=1, timeout=0.2, leak_warning=0.01)
 	texts = [repr(key), key.label]
@@ -171,13 +159,17 @@ def test_no_password_in_errors_logs_or_stats(cluster, bouncer, caplog):
 
 		other = threading.Thread(target=exhausted)
 		other.start()
-		other.join(5)
+		other.join(HANG)
 		texts.append(str(failed[0]))
-		time.sleep(0.02)
+		# a leak warning's text is checked too: a return reports the *other* connections out too long (a
+		# sleep here before only returned `conn`, which reports nothing), so a nested checkout is returned
+		now[0] += 0.02
+		nested = registry.getconn(key, config, frappe_like_factory(bouncer))  # this thread holds one: no wait
+		registry.putconn(nested)
 		registry.putconn(conn)
 		texts += [str(registry.pool(key, config).snapshot())]
 	texts += [r.getMessage() for r in caplog.records]
-	assert len(texts) > 4
+	assert len(texts) > 4 and [t for t in texts if "checked out for" in t]
 	assert not [t for t in texts if password in t]
 	registry.close_all()
 

@@ -14,7 +14,7 @@ from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 from frappe_pgpool.testing.proxy import StallingProxy
 
-from .conftest import USERS, completes, frappe_like_factory, key_for, scalar
+from .conftest import USERS, completes, frappe_like_factory, key_for, scalar, wait_for
 
 
 class Load:
@@ -32,6 +32,7 @@ class Load:
 		self.lock = threading.Lock()
 		self.stop = threading.Event()
 		self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+		self.served: set[int] = set()  # threads that completed a unit of work successfully
 
 	def _run(self) -> None:
 		while not self.stop.is_set():
@@ -50,12 +51,22 @@ class Load:
 			with self.lock:
 				bucket = self.counts.setdefault(phase, {"ok": 0, "failed": 0})
 				bucket[outcome] += 1
+				if outcome == "ok":
+					self.served.add(threading.get_ident())
 			time.sleep(0.002)
 
 	def __enter__(self) -> Load:
 		for t in self.threads:
 			t.start()
-		time.sleep(0.3)
+		# the fault lands on a running load: every thread has been served (the pool holds connections,
+		# which PAUSE must wait for), seen rather than a sleep guessed long enough
+		try:
+			wait_for(
+				lambda: len(self.served) == len(self.threads), lambda: f"the load never ran: {self.counts}"
+			)
+		except BaseException:
+			self.__exit__()
+			raise
 		return self
 
 	def __exit__(self, *exc: object) -> None:
@@ -176,7 +187,13 @@ def test_pause_drains_a_quiet_process_within_max_idle(cluster, registry):
 			registry.putconn(conn)
 		# PAUSE returns once the reaper has closed both idle connections (a hang detector otherwise)
 		completes(lambda: bouncer.admin("PAUSE app1"))
-		stats = registry.pool(key, config).snapshot()  # taken while still paused: the reaper drained it
+		# the reaper counts its closes after closing the sockets (which is what let PAUSE return): the
+		# counts land in its own time, waited for while still paused
+		pool = registry.pool(key, config)
+		wait_for(
+			lambda: sum(pool.snapshot()["closed"].values()) == 2, lambda: f"closes counted: {pool.snapshot()}"
+		)
+		stats = pool.snapshot()  # taken while still paused: the reaper drained it
 		bouncer.admin("RESUME app1")
 		assert stats["size"] == 0 and stats["closed"] == {"idle": 2}
 

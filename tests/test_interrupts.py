@@ -20,7 +20,7 @@ import pytest
 from frappe_pgpool import frappe_layer
 from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolRegistry, ProcessBudget
 
-from .conftest import backend_pid, frappe_like_factory, key_for
+from .conftest import HANG, backend_pid, frappe_like_factory, key_for, wait_for
 
 
 class JobTimeout(BaseException):
@@ -30,13 +30,6 @@ class JobTimeout(BaseException):
 class RQJobTimeout(Exception):
 	"""RQ's own: rq.timeouts.JobTimeoutException derives from Exception, so an `except Exception` meant for
 	a failed round trip would swallow it, and the job would run on past its timeout."""
-
-
-def wait_for(predicate, seconds: float = 5.0) -> None:
-	deadline = time.monotonic() + seconds
-	while not predicate():
-		assert time.monotonic() < deadline, "condition not reached"
-		time.sleep(0.001)
 
 
 def raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:
@@ -138,7 +131,7 @@ def test_gc_finalizer_run_while_the_pool_lock_is_held_does_not_deadlock(bouncer,
 		got: list = []
 		t = threading.Thread(target=lambda: got.append(reg.getconn(key, config, connect)), daemon=True)
 		t.start()
-		t.join(5)
+		t.join(HANG)
 		deadlocked = t.is_alive()
 		assert not deadlocked, "the finalizer deadlocked on the pool lock"
 		assert under_lock == [True] and len(got) == 1
@@ -161,7 +154,7 @@ def test_finalizer_queued_while_the_process_is_quiet_is_drained_by_the_reaper(bo
 	frappe_layer._abandoned(conn)  # what the finalizer does, from wherever the GC happens to run
 	try:
 		# the reaper counts the slot free under the lock and closes the socket after it: wait for both
-		wait_for(lambda: conn.closed and reg.pool(key, config).snapshot()["in_use"] == 0, 3)
+		wait_for(lambda: conn.closed and reg.pool(key, config).snapshot()["in_use"] == 0, "closed and freed")
 		assert reg.pool(key, config).snapshot()["closed"] == {"discarded": 1}
 	finally:
 		reg.close_all()
@@ -179,7 +172,7 @@ def test_a_waiter_interrupted_by_sigalrm_leaves_no_ghost(bouncer, discard):
 	got: list = []
 	holder = threading.Thread(target=lambda: got.append(pool.getconn(connect)))
 	holder.start()
-	holder.join(5)
+	holder.join(HANG)
 	(held,) = got
 	with alarm(0.2), pytest.raises(JobTimeout):  # the alarm ends the wait, not db_pool_timeout
 		pool.getconn(connect)
@@ -218,7 +211,7 @@ def test_a_hand_off_to_a_waiter_that_gave_up_goes_to_the_next_caller(bouncer, di
 	wait_for(lambda: pool.snapshot()["waiting"] == 1)
 	raise_in_thread(t, JobTimeout)  # delivered when it wakes: blocked threads run no Python code
 	pool.putconn(held, discard=discard)
-	t.join(5)
+	t.join(HANG)
 	assert len(outcome) == 1 and isinstance(outcome[0], JobTimeout)
 	assert accounting(pool) == ((0, 0, 0, 0, 0) if discard else (1, 1, 0, 0, 0))
 	conn = pool.getconn(connect, timeout=1)
@@ -269,9 +262,13 @@ def test_an_interruption_during_the_reset_frees_the_slot(cluster, bouncer, exc):
 
 
 def test_leak_warning_after_a_hand_off_shows_the_takers_stack(bouncer, caplog):
+	# the pool's clock moves only when the test says: a connection is held "too long" exactly when
+	# wanted, however slow the machine (a slow hand-off once made `second` a leak already)
+	now = [0.0]
 	pool = ConnectionPool(
 		"site handoff-leak.local",
-		PoolConfig(size=2, timeout=5, leak_warning=0.2),
+		PoolConfig(size=2, timeout=HANG, leak_warning=0.2),
+		clock=lambda: now[0],
 		budget=ProcessBudget(setting=2),
 	)
 	connect = frappe_like_factory(bouncer)
@@ -291,9 +288,9 @@ def test_leak_warning_after_a_hand_off_shows_the_takers_stack(bouncer, caplog):
 	t.start()
 	wait_for(lambda: pool.snapshot()["waiting"] == 1)
 	returner_hands_off()
-	t.join(5)
+	t.join(HANG)
 	assert got == [first]
-	time.sleep(0.3)
+	now[0] += 0.3  # both have been out longer than leak_warning; `second` is the one returned
 	with caplog.at_level(logging.WARNING, logger="frappe_pgpool"):
 		pool.putconn(second)  # a return checks for leaks
 	(record,) = [r for r in caplog.records if "checked out for" in r.getMessage()]
@@ -304,7 +301,8 @@ def test_leak_warning_after_a_hand_off_shows_the_takers_stack(bouncer, caplog):
 
 
 def test_leak_warning_is_logged_without_holding_the_pool_lock(bouncer):
-	pool = ConnectionPool("site leak-lock.local", PoolConfig(size=2, leak_warning=0.1))
+	now = [0.0]  # the pool's clock, moved by the test: `held` is out too long when it says so
+	pool = ConnectionPool("site leak-lock.local", PoolConfig(size=2, leak_warning=0.1), clock=lambda: now[0])
 	connect = frappe_like_factory(bouncer)
 	lock_free_when_logging: list[bool] = []
 
@@ -321,7 +319,7 @@ def test_leak_warning_is_logged_without_holding_the_pool_lock(bouncer):
 	logger.addHandler(probe)
 	try:
 		held = pool.getconn(connect)
-		time.sleep(0.15)
+		now[0] += 0.15
 		pool.putconn(pool.getconn(connect))
 	finally:
 		logger.removeHandler(probe)
@@ -341,7 +339,8 @@ def test_an_interruption_while_a_connection_not_kept_is_closed_frees_its_slot(bo
 
 	monkeypatch.setattr(budget, "REUSE_MIN_RATE", 2.0)  # shut, once a return is counted
 	monkeypatch.setattr(budget, "REUSE_MIN_RATE_ONE_SLOT", 2.0)
-	reg = PoolRegistry(reap_interval=0)
+	now = [0.0]  # the pools' clock, moved by the test: long_held is out too long when it says so
+	reg = PoolRegistry(reap_interval=0, clock=lambda: now[0])
 	key = key_for(bouncer=bouncer, site="interrupted-close")
 	config = PoolConfig(size=2, timeout=1, leak_warning=0.05)
 	connect = frappe_like_factory(bouncer)
@@ -349,7 +348,7 @@ def test_an_interruption_while_a_connection_not_kept_is_closed_frees_its_slot(bo
 	long_held = reg.getconn(key, config, connect)  # the leak warning the return reports
 	held = reg.getconn(key, config, connect)
 	assert reg.pools()[key]._in_use[id(held)].defaults is None  # opened not to be kept
-	time.sleep(0.1)
+	now[0] += 0.1
 
 	class Interrupting(logging.Handler):
 		def emit(self, record: logging.LogRecord) -> None:

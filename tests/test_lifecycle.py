@@ -27,7 +27,7 @@ from frappe_pgpool.pool import PoolConfig, PoolKey, PoolRegistry
 from frappe_pgpool.testing.cluster import PgBouncer
 from frappe_pgpool.testing.proxy import StallingProxy
 
-from .conftest import USERS, frappe_like_factory, key_for, scalar
+from .conftest import USERS, frappe_like_factory, key_for, scalar, wait_for
 
 HANG = 20.0  # seconds before a checkout still blocked counts as hung
 
@@ -114,7 +114,9 @@ def test_an_eviction_never_waits_for_a_server_of_a_saturated_transaction_pool(cl
 		assert started == 0  # B's pool started no server for the queued BEGIN
 		# pgBouncer reads a queued client's goodbye once a server frees: its BEGIN then goes with it, and
 		# B's queue is empty again (the server it took is dropped, as plain Frappe's close drops one)
-		assert wait_for(lambda: int(pools(bouncer, "app2").get("cl_waiting", 0)) == 0), pools(bouncer, "app2")
+		wait_for(
+			lambda: int(pools(bouncer, "app2").get("cl_waiting", 0)) == 0, lambda: str(pools(bouncer, "app2"))
+		)
 		registry.putconn(result["conn"])
 		assert registry.pool(key_b, config).snapshot()["evictions"] == {"budget": 1}
 
@@ -130,7 +132,7 @@ def test_an_evicted_session_mode_connection_takes_its_server_with_it(cluster, re
 		assert servers(bouncer, "app2") == 1
 		conn = registry.getconn(key_a, config, frappe_like_factory(bouncer), 1)  # evicts B's
 		registry.putconn(conn)
-		assert wait_for(lambda: servers(bouncer, "app2") == 0), pools(bouncer, "app2")
+		wait_for(lambda: servers(bouncer, "app2") == 0, lambda: str(pools(bouncer, "app2")))
 
 
 @pytest.mark.parametrize("clients", ["auto", 4], ids=["peak-rule", "client-budget"])
@@ -166,21 +168,10 @@ def test_kept_transaction_mode_clients_leave_no_idle_server_per_site_when_they_e
 				request(names[0])
 			kept = registry.snapshot()["open"]
 			idle = lambda: sum(b["datname"] in names for b in cluster.backends())  # noqa: E731
-			assert wait_for(lambda: idle() <= kept), (idle(), kept)
+			wait_for(lambda: idle() <= kept, lambda: f"{idle()} idle backends, {kept} kept")
 		finally:
 			registry.close_all()
-		assert wait_for(lambda: idle() == 0), idle()
-
-
-def wait_for(condition, attempts: int = 100) -> bool:
-	"""pgBouncer accounts a client's disconnect asynchronously: poll its console a bounded number of times."""
-	import time
-
-	for _ in range(attempts):
-		if condition():
-			return True
-		time.sleep(0.05)
-	return condition()
+		wait_for(lambda: idle() == 0, lambda: f"{idle()} idle backends after close_all")
 
 
 def test_a_transaction_mode_return_leaves_no_session_advisory_lock_on_the_lent_server(cluster, registry):
@@ -265,11 +256,23 @@ def test_a_failed_transaction_mode_request_leaves_no_prepared_statement_and_wait
 
 		waiting = threading.Thread(target=hold_the_server, daemon=True)
 		waiting.start()
-		assert wait_for(lambda: int(pools(bouncer, "app1").get("cl_waiting", 0)) == 1)
+		wait_for(
+			lambda: int(pools(bouncer, "app1").get("cl_waiting", 0)) == 1, "a client queued in pgBouncer"
+		)
 		returned = threading.Thread(target=registry.putconn, args=(conn,), daemon=True)
 		returned.start()
 		returned.join(HANG)
 		stalled = returned.is_alive()  # waiting for the server the queued client got
+		if not stalled:
+			# cancelled once its query runs on a server: pgBouncer drops a cancel that comes while the client
+			# still waits for one, and the sleep then runs out (the thread outlived the test under load)
+			wait_for(
+				lambda: cluster.execute(
+					"SELECT 1 FROM pg_stat_activity WHERE datname = 'app1' AND state = 'active'"
+					" AND query LIKE 'SELECT pg_sleep(%'"
+				),
+				"the queued client's query running",
+			)
 		queued.cancel()
 		waiting.join(HANG)
 		returned.join(HANG)
@@ -335,7 +338,7 @@ def test_a_process_that_exits_leaves_pgbouncer_no_server(cluster):
 		)
 		done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
 		assert done.returncode == 0, done.stderr
-		assert wait_for(lambda: servers(bouncer, "app1") == 0), pools(bouncer, "app1")
+		wait_for(lambda: servers(bouncer, "app1") == 0, lambda: str(pools(bouncer, "app1")))
 
 
 def test_keep_nothing_makes_a_process_close_as_plain_frappe(cluster, registry):
@@ -352,7 +355,7 @@ def test_keep_nothing_makes_a_process_close_as_plain_frappe(cluster, registry):
 		registry.putconn(conn)
 		assert int(bouncer.stats("app1")["total_query_count"]) == before
 		assert registry.pool(key, config).snapshot()["idle"] == 0
-		assert wait_for(lambda: servers(bouncer, "app1") == 0), pools(bouncer, "app1")
+		wait_for(lambda: servers(bouncer, "app1") == 0, lambda: str(pools(bouncer, "app1")))
 
 
 def test_a_revoked_role_stops_being_served_within_the_lifetime(cluster, registry):

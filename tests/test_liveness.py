@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
+import select
 import signal
-import time
 
 import psycopg2
 import pytest
 
-from .conftest import backend_pid, frappe_like_factory, key_for, scalar
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-	deadline = time.monotonic() + timeout
-	while not predicate():
-		if time.monotonic() > deadline:
-			raise AssertionError("condition not reached in time")
-		time.sleep(0.02)
+from .conftest import HANG, backend_pid, frappe_like_factory, key_for, scalar, wait_for
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def test_terminated_backend_is_not_handed_out(pooled, cluster):
 	checkin(conn)
 	with cluster.connect() as admin, admin.cursor() as cur:
 		cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
-	wait_until(lambda: pid not in [b["pid"] for b in cluster.backends("app1")])
+	wait_for(lambda: pid not in [b["pid"] for b in cluster.backends("app1")], "the terminated backend gone")
 	assert_next_checkout_is_healthy(checkout, checkin, pool, pid)
 
 
@@ -98,7 +90,8 @@ def test_listen_notifications_are_not_mistaken_for_a_dead_connection(pooled, bou
 	other.autocommit = True
 	other.cursor().execute("NOTIFY wake, 'x'")
 	other.close()
-	time.sleep(0.1)
+	# the notification is on the socket, unread, before the return (seen, not slept for): the case tested
+	assert select.select([conn], [], [], HANG)[0], "the notification never arrived"
 	checkin(conn)  # the reset UNLISTENs; a racing notification may still be buffered
 	conn = checkout()
 	assert backend_pid(conn) == pid
@@ -125,7 +118,7 @@ def test_return_after_a_frappe_like_request_costs_rollback_plus_discard(pooled, 
 		cur.execute("START TRANSACTION")  # ...and frappe.db.begin(): destroy() finds it open
 	before = int(bouncer.stats("app1")["total_query_count"])
 	checkin(conn)
-	time.sleep(0.1)
+	# no wait: pgBouncer counts a query as it reads it, before the reply the return waited for
 	assert int(bouncer.stats("app1")["total_query_count"]) - before == 2  # ROLLBACK, DISCARD ALL
 	conn = checkout()
 	# psycopg2 forgot the old transaction: the next statement runs in a fresh REPEATABLE READ one

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -11,7 +10,7 @@ import pytest
 
 from frappe_pgpool.pool import ConnectionPool, PoolConfig, PoolTimeout, ProcessBudget
 
-from .conftest import USERS, backend_pid, frappe_like_factory, key_for, scalar
+from .conftest import HANG, USERS, backend_pid, frappe_like_factory, key_for, scalar, wait_for
 
 
 def unit_of_work(conn: ext.connection, sql: str = "SELECT 1") -> None:
@@ -211,17 +210,15 @@ def test_exhaustion_waits_then_raises_a_clear_error(bouncer, config):
 
 
 def test_a_returned_connection_goes_to_the_waiter_first(bouncer):
-	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=5), budget=ProcessBudget(setting=1))
+	pool = ConnectionPool("handoff", PoolConfig(size=1, timeout=HANG), budget=ProcessBudget(setting=1))
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
 	got: list[ext.connection] = []
 	waiter = threading.Thread(target=lambda: got.append(pool.getconn(connect)))
 	waiter.start()
-	deadline = time.monotonic() + 5
-	while pool.snapshot()["waiting"] == 0 and time.monotonic() < deadline:
-		time.sleep(0.001)
+	wait_for(lambda: pool.snapshot()["waiting"] == 1, "the waiter queued")
 	pool.putconn(conn)
-	waiter.join(5)
+	waiter.join(HANG)
 	assert got == [conn]  # handed over, not reopened
 	stats = pool.snapshot()
 	assert (stats["created"], stats["in_use"], stats["waiting"]) == (1, 1, 0)
@@ -294,8 +291,8 @@ def test_a_pool_at_size_opens_a_connection_it_does_not_keep_instead_of_waiting(b
 			conn = registry.getconn(key, config, connect)
 			got.append(conn)
 			backend_pid(conn)
-			together.wait(10)
-			release.wait(10)
+			together.wait(HANG)
+			release.wait(HANG)
 			registry.putconn(conn)
 		except BaseException as e:
 			errors.append(e)
@@ -305,14 +302,14 @@ def test_a_pool_at_size_opens_a_connection_it_does_not_keep_instead_of_waiting(b
 	for t in threads:
 		t.start()
 	try:
-		together.wait(10)  # all three hold one at once: the third did not wait for the first two
+		together.wait(HANG)  # all three hold one at once: the third did not wait for the first two
 		during = registry.pool(key, config).snapshot()
 	except threading.BrokenBarrierError:
 		during = None
 	finally:
 		release.set()
 		for t in threads:
-			t.join(10)
+			t.join(HANG)
 	assert not errors, errors
 	assert (during["in_use"], during["waiting"], during["over_size"]) == (3, 0, 1)
 	assert sorted(kept) == [False, True, True]  # the third was opened not to be kept
@@ -357,8 +354,8 @@ def test_a_numeric_budget_still_makes_a_checkout_wait_and_db_pool_size_does_not(
 	def request() -> None:
 		try:
 			conn = registry.getconn(key, config, connect, 2)
-			holding.wait(10)
-			release.wait(10)
+			holding.wait(HANG)
+			release.wait(HANG)
 			registry.putconn(conn)
 		except BaseException as e:
 			errors.append(e)
@@ -368,7 +365,7 @@ def test_a_numeric_budget_still_makes_a_checkout_wait_and_db_pool_size_does_not(
 	for t in threads:
 		t.start()
 	try:
-		holding.wait(10)  # two held at once, on a pool of size 1
+		holding.wait(HANG)  # two held at once, on a pool of size 1
 		with pytest.raises(PoolTimeout) as raised:
 			registry.getconn(key, config, connect, 2)
 	except threading.BrokenBarrierError:
@@ -376,7 +373,7 @@ def test_a_numeric_budget_still_makes_a_checkout_wait_and_db_pool_size_does_not(
 	finally:
 		release.set()
 		for t in threads:
-			t.join(10)
+			t.join(HANG)
 	assert not errors, errors
 	assert "db_pool_process_budget=2" in str(raised.value) and "db_pool_size" not in str(raised.value)
 	stats = registry.pool(key, config).snapshot()
