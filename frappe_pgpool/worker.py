@@ -304,16 +304,12 @@ def _blocked_database(thread_id: int | None):
 def set_process_budget(connections: int) -> None:
 	"""This process keeps up to `connections` connections across all sites (db_pool_process_budget for
 	this process only): a worker going round N busy sites keeps one for each with N, where "auto" keeps
-	one (what a forking worker has open at once) and logs in again whenever the site changes.
-
-	The registry applies the configured db_pool_process_budget at each checkout whenever it differs from
-	the value it last applied; recording the configured default (None, unset) as that value keeps this
-	setting until a db_pool_process_budget set in common_site_config.json replaces it (the file wins).
+	one (what a forking worker has open at once) and logs in again whenever the site changes. Pinned: a
+	db_pool_process_budget in common_site_config.json, which the web processes apply, does not replace it.
 	"""
 	from .pool import registry
 
-	registry.set_process_budget(connections)
-	registry._budget_value = None  # see above: an unset key leaves this process's setting alone
+	registry.pin_process_budget(connections)
 
 
 def start_worker(

@@ -433,6 +433,28 @@ def test_lowering_the_budget_closes_idle_connections_above_it(bouncer, reg):
 	wait_for(lambda: bouncer_clients(bouncer, "budget-lower") == 1)
 
 
+def test_a_pinned_budget_is_not_replaced_by_the_configured_one(bouncer, reg):
+	"""A worker's --process-budget 3 (pin_process_budget) over a configured db_pool_process_budget of 1,
+	then "auto", then unset, as getconn is given them: the process keeps 3, one per site of its
+	round-robin, and its checkouts hit; the configured value never replaces the pinned one."""
+	config = PoolConfig(size=2, timeout=1)
+	keys = sites(bouncer, 3, "pinned")
+	connects = {k: named_factory(bouncer, "budget-pinned", k.user) for k in keys}
+	with pytest.raises(ConfigError):
+		reg.pin_process_budget(0)  # a bad value is the caller's mistake: raised, nothing pinned
+	reg.pin_process_budget(3)
+	hits = []
+	for configured in (1, "auto", None):
+		serve(reg, keys * 3, config, connects, configured)
+		snap = reg.snapshot()
+		assert (snap["process_budget"], snap["limit"], snap["open"], snap["idle"]) == (3, 3, 3, 3), configured
+		hits.append(sum(pool.snapshot()["hits"] for pool in reg.pools().values()))
+	assert hits[2] - hits[0] == 18  # once warm, every checkout hits (with 1 kept, none would)
+	reg.set_process_budget(1)  # an explicit setting still applies (and closes what is above it)
+	assert (reg.snapshot()["process_budget"], reg.snapshot()["open"]) == (1, 1)
+	wait_for(lambda: bouncer_clients(bouncer, "budget-pinned") == 1)
+
+
 # -- auto --------------------------------------------------------------------------------------------
 
 
