@@ -187,6 +187,13 @@ class ProcessBudget:
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
+		if self.setting is not None and not pool.stats.checkouts:
+			# a numeric budget is connections the operator wants kept (a worker's --process-budget N for its N
+			# sites): a pool's first checkout could not hit whatever was kept, so it says nothing either (else
+			# a worker's first round over its sites, each a miss, shuts the gate, and each site logs in again
+			# before it is kept: 77 logins for 2 workers x 20 sites, where keeping from the start makes 40).
+			# Under auto a sync worker's spread traffic still stops keeping at its second checkout.
+			return
 		if self.floor and not pool.stats.returns:
 			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
 			# ever returned one, could not hit whatever was kept, so they say nothing either (else a bench's
