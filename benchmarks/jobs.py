@@ -360,8 +360,8 @@ def render(data: dict) -> str:
 			f"{lat['start_to_end_p95']} | {r['logins']} | {r['postgres_sessions']} | {r['peak_clients']} | "
 			f"{r['peak_servers']} | {r['job_processes']} | {r['rows']} | {r['lost']} | {r['duplicated']} | {r.get('not_run', 0)} | {statuses} |"
 		)
-	base = data["throughput"][0]
-	for r in data["throughput"][1:]:
+	base = data["throughput"][0] if data["throughput"] else {}
+	for r in data["throughput"][1:] if base.get("row", "").startswith("fork") else []:
 		lines.append("")
 		lines.append(
 			f"{r['row']} / {base['row']}: jobs/s x{r['jobs_per_s_from_start'] / base['jobs_per_s_from_start']:.2f} "
@@ -408,6 +408,9 @@ def main() -> int:
 	parser.add_argument("--workers", type=int, default=2)
 	parser.add_argument("--rss-jobs", type=int, default=10000)
 	parser.add_argument("--skip-timeout", action="store_true")
+	parser.add_argument(
+		"--skip-fork", action="store_true", help="no forking bench worker rows (its jobs/s is slow)"
+	)
 	parser.add_argument("--keep-sites", action="store_true")
 	parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 	args = parser.parse_args()
@@ -427,11 +430,12 @@ def main() -> int:
 		"timeout": [],
 		"rss": [],
 	}
-	shapes = [
+	fork, auto, budgeted = (
 		("fork (bench worker)", "fork", None),
 		("no-fork, budget auto", "no-fork", None),
 		(f"no-fork, --process-budget {args.sites}", "no-fork", args.sites),
-	]
+	)
+	shapes = [auto, budgeted] if args.skip_fork else [fork, auto, budgeted]
 	try:
 		with configs_restored(names):
 			bouncer = start_bouncer(quick, "session", default_pool_size=args.sites * args.workers + 5)
@@ -444,7 +448,7 @@ def main() -> int:
 				for name, shape, budget in shapes:
 					data["throughput"].append(throughput_row(name, shape, budget, quick, bouncer, args))
 				if not args.skip_timeout:
-					for name, shape, budget in (shapes[0], shapes[2]):
+					for name, shape, budget in [s for s in (fork, budgeted) if s in shapes]:
 						data["timeout"].append(timeout_row(name, shape, budget, quick, bouncer))
 				if args.rss_jobs:
 					data["rss"].append(

@@ -11,6 +11,11 @@ worker gives operators is kept:
   (signal.set_wakeup_fd), cancels the query the job's main thread is waiting on. The connection a timed-out
   or interrupted job was using is closed, never reused: the watchdog marks it, and after the job the site's
   pooled connections of this process are closed (the next job of that site logs in afresh);
+- a job still running HARD_KILL_AFTER past its timeout (its timeout's exception swallowed, or stuck in a C
+  call) is recorded as failed and the process goes with the job's connection: it exits 1, or (respawn)
+  execs a fresh interpreter, as the forking worker's parent kills such a work-horse;
+- the watchdog sends rq's heartbeats through a job, as the forking worker's parent does: if this process
+  dies, the job's started-registry entry lapses as soon, and rq's cleanup records the job as failed;
 - a job's exception is recorded as in plain Frappe (execute_job's Error Log, rq's failed registry);
 - memory stays bounded: the process stops after `max_jobs` jobs (+-10% jitter, so that workers started
   together do not recycle together) or after a job that leaves its RSS above `max_memory_mb`, and exits 0
@@ -26,6 +31,7 @@ worker gives operators is kept:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -37,7 +43,8 @@ import time
 
 from frappe.utils.background_jobs import FrappeWorker
 from rq.timeouts import BaseTimeoutException, UnixSignalDeathPenalty
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.utils import utcnow
+from rq.worker import SimpleWorker, Worker, WorkerStatus
 
 log = logging.getLogger("frappe_pgpool")
 
@@ -113,8 +120,10 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		self.jobs_done = 0
 		self.recycled: str | None = None  # why the worker stopped to be replaced: "max_jobs" or "memory"
 		self.signalled = False  # stopped by SIGTERM / SIGINT: never respawned
+		self.respawn = False  # a hard stop execs a fresh interpreter instead of exiting 1 (start_worker)
 		self.rss_start = 0
 		self._job = None  # (job, queue, monotonic start) while a job runs
+		self._last_beat = 0.0  # monotonic time of the watchdog's last heartbeat for the running job
 		self._exc: BaseException | None = None  # what the running job raised (handle_exception)
 		# the main thread ran the Python handler of this job's SIGALRM / of a cold shutdown (watchdog's cue)
 		self._alarmed = threading.Event()
@@ -166,6 +175,7 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		self._alarmed.clear()
 		with self._lock:
 			self._job = (job, queue, time.monotonic())
+			self._last_beat = 0.0
 		try:
 			self.perform_job(job, queue)
 		finally:
@@ -177,6 +187,12 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		if self.max_memory and rss_bytes() > self.max_memory and not self._stop_requested:
 			self.recycled = "memory"
 			self._stop_requested = True  # rq's loop stops before the next job
+
+	def get_heartbeat_ttl(self, job) -> int:
+		# The forking worker's (its parent heartbeats through the job), not SimpleWorker's timeout + 60:
+		# the watchdog heartbeats as that parent does (_beat_if_due), so the started registry's entry of a
+		# job whose process died lapses as soon as under the forking worker.
+		return Worker.get_heartbeat_ttl(self, job)
 
 	def _record_exception(self, job, exc_type, exc_value, traceback):
 		self._exc = exc_value
@@ -243,6 +259,7 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 						self._cancel_if_blocked("cold shutdown", self._forced)
 					first_term = first_term or now
 			self._hard_stop_if_stuck()
+			self._beat_if_due()
 
 	def _cancel_if_blocked(self, why: str, handled: threading.Event) -> None:
 		"""Give the main thread HANDLER_GRACE to run the signal's handler; if it did not, it is blocked in
@@ -264,6 +281,26 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		except Exception:
 			log.warning("frappe_pgpool worker: cancelling the query failed", exc_info=True)
 
+	def _beat_if_due(self) -> None:
+		"""Every job_monitoring_interval of a job, the heartbeats the forking worker's parent sends (the main
+		thread is in the job): the worker's key and the job's entry in the started registry are kept for
+		job_monitoring_interval + 60 s at a time, so that when this process dies (SIGKILL, the OOM killer)
+		rq's registry cleanup records the job as failed (AbandonedJobError) that soon after."""
+		with self._lock:
+			current = self._job
+			if current is None:
+				return
+			job, _queue, started = current
+			now = time.monotonic()
+			if now - max(started, self._last_beat) < self.job_monitoring_interval:
+				return
+			self._last_beat = now
+		try:
+			self.set_current_job_working_time(now - started)
+			self.maintain_heartbeats(job)  # xx: a job ended meanwhile is not put back in the registry
+		except Exception:
+			log.warning("frappe_pgpool worker: heartbeat of job %s failed", job.id, exc_info=True)
+
 	def _hard_stop_if_stuck(self) -> None:
 		with self._lock:
 			current = self._job
@@ -274,18 +311,28 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		if timeout is None or timeout < 0 or time.monotonic() - started < timeout + HARD_KILL_AFTER:
 			return
 		log.critical(
-			"frappe_pgpool worker: job %s still running %ss after its %ss timeout: exiting",
+			"frappe_pgpool worker: job %s still running %ss after its %ss timeout: %s",
 			job.id,
 			HARD_KILL_AFTER,
 			timeout,
+			"replacing the process" if self.respawn else "exiting",
 		)
+		# The job's thread cannot be stopped: the process goes, and with it the job's connection (its
+		# transaction rolls back) and whatever the job left in this interpreter.
 		try:
+			job.ended_at = job.ended_at or utcnow()
 			self.handle_job_failure(
 				job,
 				queue=queue,
-				exc_string=f"Job not stopped {HARD_KILL_AFTER}s after its timeout; worker exited",
+				exc_string=f"Job not stopped {HARD_KILL_AFTER}s after its timeout; worker "
+				+ ("replaced" if self.respawn else "exited"),
 			)
+			self.register_death()  # not left listed as busy on this job until its key expires
+		except Exception:
+			log.exception("frappe_pgpool worker: recording the hard stop of job %s failed", job.id)
 		finally:
+			if self.respawn:
+				_respawn(close=False)  # no checkin from this thread: the descriptors close at exec
 			os._exit(1)
 
 
@@ -304,16 +351,12 @@ def _blocked_database(thread_id: int | None):
 def set_process_budget(connections: int) -> None:
 	"""This process keeps up to `connections` connections across all sites (db_pool_process_budget for
 	this process only): a worker going round N busy sites keeps one for each with N, where "auto" keeps
-	one (what a forking worker has open at once) and logs in again whenever the site changes.
-
-	The registry applies the configured db_pool_process_budget at each checkout whenever it differs from
-	the value it last applied; recording the configured default (None, unset) as that value keeps this
-	setting until a db_pool_process_budget set in common_site_config.json replaces it (the file wins).
+	one (what a forking worker has open at once) and logs in again whenever the site changes. Pinned: a
+	db_pool_process_budget in common_site_config.json, which the web processes apply, does not replace it.
 	"""
 	from .pool import registry
 
-	registry.set_process_budget(connections)
-	registry._budget_value = None  # see above: an unset key leaves this process's setting alone
+	registry.pin_process_budget(connections)
 
 
 def start_worker(
@@ -351,6 +394,7 @@ def start_worker(
 		max_memory_mb=max_memory_mb,
 		scheduler=scheduler,
 	)
+	worker.respawn = respawn
 	worker.work(
 		logging_level="WARNING" if quiet else "INFO",
 		burst=burst,
@@ -362,18 +406,34 @@ def start_worker(
 	return worker
 
 
-def _respawn() -> None:
+def _respawn(close: bool = True) -> None:
 	"""Replace this process with a fresh interpreter running the same command (same pid: a Procfile's
 	honcho, which stops everything when one process exits, or a Kubernetes container, whose restarts of a
-	process that exits often back off, keep a worker without a restart)."""
+	process that exits often back off, keep a worker without a restart). close: end the pools' sessions
+	first (a hard stop does not: the stuck job holds a connection, and the exec closes them all)."""
 	from .pool import registry
 
-	registry.close_all()  # the new interpreter has its own pools: end these sessions as plain Frappe does
+	if close:
+		registry.close_all()  # the new interpreter has its own pools: end these sessions as plain Frappe does
+	signal.alarm(0)  # a pending alarm would survive the exec
+	for fd in _open_descriptors():
+		# libpq and Python's own sockets are close-on-exec already; any other library's socket must not
+		# live on, unknown, in the new interpreter (a session left idle in transaction)
+		with contextlib.suppress(OSError):
+			os.set_inheritable(fd, False)
 	sys.stdout.flush()
 	sys.stderr.flush()
 	module = _main_module()
 	argv = [sys.executable, "-m", module, *sys.argv[1:]] if module else [sys.executable, *sys.argv]
 	os.execv(sys.executable, argv)
+
+
+def _open_descriptors() -> list[int]:
+	"""This process's file descriptors above stderr."""
+	try:
+		return [fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2]
+	except OSError:  # no /proc: nothing more than Python's and libpq's own close-on-exec
+		return []
 
 
 def _main_module() -> str | None:

@@ -229,9 +229,10 @@ def test_a_site_served_again_reuses_its_idle_connection_without_eviction(bouncer
 	for _ in range(50):
 		for key in (a, b):
 			reg.putconn(reg.getconn(key, config, connects[key], process_budget=2))
-	# b's first checkout was the first with evidence, a miss: its connection was not kept (b's second
-	# was a miss too); from then on half the checkouts would hit and both sites keep theirs
-	expected = {a: (1, 49, {}), b: (2, 48, {})}
+	# b's first checkout could not hit anything kept: under a numeric budget it says nothing, so both
+	# sites keep their first connections and log in once each (it used to shut the gate at once: b's
+	# first connection was not kept and b logged in twice, (2, 48))
+	expected = {a: (1, 49, {}), b: (1, 49, {})}
 	for key in (a, b):
 		snap = reg.pools()[key].snapshot()
 		assert (snap["misses"], snap["hits"], snap["evictions"]) == expected[key]
@@ -429,6 +430,28 @@ def test_lowering_the_budget_closes_idle_connections_above_it(bouncer, reg):
 	snap = reg.snapshot()
 	assert (snap["open"], snap["idle"], snap["process_budget"]) == (1, 1, 1)
 	wait_for(lambda: bouncer_clients(bouncer, "budget-lower") == 1)
+
+
+def test_a_pinned_budget_is_not_replaced_by_the_configured_one(bouncer, reg):
+	"""A worker's --process-budget 3 (pin_process_budget) over a configured db_pool_process_budget of 1,
+	then "auto", then unset, as getconn is given them: the process keeps 3, one per site of its
+	round-robin, and its checkouts hit; the configured value never replaces the pinned one."""
+	config = PoolConfig(size=2, timeout=1)
+	keys = sites(bouncer, 3, "pinned")
+	connects = {k: named_factory(bouncer, "budget-pinned", k.user) for k in keys}
+	with pytest.raises(ConfigError):
+		reg.pin_process_budget(0)  # a bad value is the caller's mistake: raised, nothing pinned
+	reg.pin_process_budget(3)
+	hits = []
+	for configured in (1, "auto", None):
+		serve(reg, keys * 3, config, connects, configured)
+		snap = reg.snapshot()
+		assert (snap["process_budget"], snap["limit"], snap["open"], snap["idle"]) == (3, 3, 3, 3), configured
+		hits.append(sum(pool.snapshot()["hits"] for pool in reg.pools().values()))
+	assert hits[2] - hits[0] == 18  # once warm, every checkout hits (with 1 kept, none would)
+	reg.set_process_budget(1)  # an explicit setting still applies (and closes what is above it)
+	assert (reg.snapshot()["process_budget"], reg.snapshot()["open"]) == (1, 1)
+	wait_for(lambda: bouncer_clients(bouncer, "budget-pinned") == 1)
 
 
 # -- auto --------------------------------------------------------------------------------------------
@@ -1071,6 +1094,7 @@ def test_would_hit_counts_only_the_connections_that_could_be_idle():
 	budget = ProcessBudget(setting=4)
 	a, b, c, d = (ConnectionPool(f"site-{n}", PoolConfig(), budget=budget) for n in "abcd")
 	for pool in (a, b, c, d):
+		pool.stats.checkouts = 1  # each had its checkout (a pool's first says nothing under a numeric budget)
 		budget.note_return(pool)  # returned in that order: d last
 	budget.active = 1  # this checkout alone
 	budget.note_checkout(a)

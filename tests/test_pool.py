@@ -421,9 +421,9 @@ def test_two_sites_never_share_a_connection(bouncer, registry, config):
 		assert scalar(conn, "SELECT current_user || '/' || current_database()") == f"{user}/{user}"
 		assert seen.setdefault(id(conn), site) == site
 		registry.putconn(conn)
-	# one connection per site, kept; b and c had one more each at the start: their first checkouts came
-	# after a's return and were misses, so keeping did not pay yet and those were closed on return
-	assert sorted(seen.values()) == ["site-a", "site-b", "site-b", "site-c", "site-c"]
+	# one connection per site, kept from each site's first checkout (which could not hit, so under a
+	# numeric budget it does not count as a miss that shuts the reuse gate)
+	assert sorted(seen.values()) == ["site-a", "site-b", "site-c"]
 
 
 def test_key_never_exposes_the_password():

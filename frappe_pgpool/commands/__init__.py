@@ -238,8 +238,8 @@ def _connector(host, port, dbname, user, password):
 @click.option(
 	"--process-budget",
 	type=click.IntRange(1, 1000),
-	help="Connections this process keeps across all sites (db_pool_process_budget for this worker only; "
-	"default: the config's, auto = one, as a forking worker has open). Set it to the number of sites the "
+	help="Connections this process keeps across all sites (db_pool_process_budget for this worker only, "
+	"in place of the config's; default: the config's, auto = one, as a forking worker has open). Set it to the number of sites the "
 	"worker serves to log in once per site; each kept connection holds a pgBouncer server (session mode).",
 )
 def worker(queue, quiet, burst, max_jobs, max_memory, respawn, no_scheduler, process_budget) -> None:

@@ -200,10 +200,14 @@ class ProcessBudget:
 		self.uses[pool] += 1
 		if not self.returned:
 			return  # nothing was returned yet: no checkout could have hit, so none says anything
-		if self.floor and pool not in self.returned_once:
-			# a client budget has room for a client per site it serves: a pool's first checkouts, before it
-			# ever returned one (kept or closed), could not hit whatever was kept, so they say nothing either
-			# (else a bench's first round over 20 sites would shut the gate it opens in the second)
+		if (self.floor or self.setting is not None) and pool not in self.returned_once:
+			# A numeric budget is connections the operator wants kept (a worker's --process-budget N for its N
+			# sites), a client budget has room for a client per site: there a pool's checkouts before it ever
+			# returned one (kept or closed) could not hit whatever was kept, so they say nothing (else a
+			# worker's first round over its sites, each a miss, shuts the gate and each site logs in again
+			# before it is kept: 77 logins for 2 workers x 20 sites where keeping from the start makes 40; a
+			# bench's first round over 20 sites would shut the gate it opens in the second). Under auto a sync
+			# worker's spread traffic still stops keeping at its second checkout.
 			return
 		# Idle now, under the budget: its limit less the other checkouts running (a gthread worker's
 		# threads, or this request's primary when it opens a replica, hold theirs), so only that many of

@@ -122,6 +122,7 @@ class PoolRegistry:
 		self._clients = ProcessBudget(floor=PROCESS_CLIENTS_OFF)
 		self._clients_value: object = None  # the db_pool_process_clients value last given, as given
 		self._budget_value: object = None  # the db_pool_process_budget value last given, as given
+		self._budget_pinned = False  # pin_process_budget: the configured value no longer applies here
 		self._bad_budgets: set[str] = set()  # invalid values already logged
 		self._pools: dict[PoolKey, ConnectionPool] = {}
 		self._sites: set[str] = set()  # sites with a pool here (holds_site); their pools go all together
@@ -151,7 +152,7 @@ class PoolRegistry:
 		db_pool_process_clients as configured (raw), if given."""
 		if self._abandoned:
 			self._drain_abandoned()
-		if process_budget is not _KEEP and process_budget != self._budget_value:
+		if process_budget is not _KEEP and process_budget != self._budget_value and not self._budget_pinned:
 			self.set_process_budget(process_budget)
 		if process_clients is not _KEEP and process_clients != self._clients_value:
 			self.set_process_clients(process_clients)
@@ -247,6 +248,14 @@ class PoolRegistry:
 				with budget.lock:
 					budget.open -= len(excess)
 					budget.dispatch()
+
+	def pin_process_budget(self, value: object) -> None:
+		"""Apply `value` as this process's db_pool_process_budget for good: the configured one, which getconn
+		applies whenever it changes, is ignored from now on (a worker started with --process-budget). A bad
+		value raises ConfigError: the caller chose it, nothing falls back to auto behind its back."""
+		parse_process_budget(value)
+		self.set_process_budget(value)
+		self._budget_pinned = True
 
 	def set_process_clients(self, value: object) -> None:
 		"""Apply db_pool_process_clients ("auto" or None: off, or 1..1000) to the transaction-mode pools'

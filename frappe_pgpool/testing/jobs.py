@@ -44,8 +44,11 @@ def _rss() -> int:
 		return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def sleep_in_query(seconds: float, marker: str | None = None) -> None:
-	"""Wait in a query (a C call: no Python signal handler runs until it returns)."""
+def sleep_in_query(seconds: float, marker: str | None = None, tag: str | None = None) -> None:
+	"""Wait in a query (a C call: no Python signal handler runs until it returns); with a tag, inside a
+	transaction holding an uncommitted ToDo."""
+	if tag:
+		frappe.get_doc({"doctype": "ToDo", "description": tag}).insert(ignore_permissions=True)
 	_mark(marker, frappe.db.sql("SELECT pg_backend_pid()")[0][0])
 	frappe.db.sql("SELECT pg_sleep(%s)", (seconds,))
 
@@ -58,6 +61,21 @@ def sleep_in_python(seconds: float, marker: str | None = None, tag: str | None =
 	deadline = time.monotonic() + seconds
 	while time.monotonic() < deadline:
 		time.sleep(0.05)
+	return backend()
+
+
+def ignore_timeout(seconds: float, marker: str | None = None, tag: str | None = None) -> dict:
+	"""Hold a transaction open (a ToDo inserted first), then loop in Python swallowing every exception,
+	the job timeout's too (a catch-all retry loop): only a hard stop ends it before `seconds`."""
+	if tag:
+		frappe.get_doc({"doctype": "ToDo", "description": tag}).insert(ignore_permissions=True)
+	_mark(marker, frappe.db.sql("SELECT pg_backend_pid()")[0][0])
+	deadline = time.monotonic() + seconds
+	while time.monotonic() < deadline:
+		try:
+			time.sleep(0.05)
+		except Exception:  # the point: rq's JobTimeoutException is swallowed too
+			continue
 	return backend()
 
 
