@@ -111,9 +111,11 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 		max_jobs: int | None = DEFAULT_MAX_JOBS,
 		max_memory_mb: int | None = DEFAULT_MAX_MEMORY_MB,
 		scheduler: bool = True,
+		hard_stop_after: float = HARD_KILL_AFTER,
 		**kwargs,
 	) -> None:
 		super().__init__(*args, **kwargs)
+		self.hard_stop_after = hard_stop_after  # seconds past a job's timeout before the process goes
 		self.max_jobs = jittered(max_jobs) if max_jobs else None
 		self.max_memory = max_memory_mb * 1024 * 1024 if max_memory_mb else None
 		self.scheduler_thread = scheduler
@@ -308,12 +310,12 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 			return
 		job, queue, started = current
 		timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
-		if timeout is None or timeout < 0 or time.monotonic() - started < timeout + HARD_KILL_AFTER:
+		if timeout is None or timeout < 0 or time.monotonic() - started < timeout + self.hard_stop_after:
 			return
 		log.critical(
 			"frappe_pgpool worker: job %s still running %ss after its %ss timeout: %s",
 			job.id,
-			HARD_KILL_AFTER,
+			self.hard_stop_after,
 			timeout,
 			"replacing the process" if self.respawn else "exiting",
 		)
@@ -324,7 +326,7 @@ class PooledWorker(FrappeWorker, SimpleWorker):
 			self.handle_job_failure(
 				job,
 				queue=queue,
-				exc_string=f"Job not stopped {HARD_KILL_AFTER}s after its timeout; worker "
+				exc_string=f"Job not stopped {self.hard_stop_after}s after its timeout; worker "
 				+ ("replaced" if self.respawn else "exited"),
 			)
 			self.register_death()  # not left listed as busy on this job until its key expires
@@ -368,6 +370,7 @@ def start_worker(
 	scheduler: bool = True,
 	respawn: bool = False,
 	process_budget: int | None = None,
+	hard_stop_after: float = HARD_KILL_AFTER,
 ) -> PooledWorker:
 	"""Frappe's start_worker (same queues, Redis, niceness, logging) with the PooledWorker."""
 	import frappe
@@ -393,6 +396,7 @@ def start_worker(
 		max_jobs=max_jobs,
 		max_memory_mb=max_memory_mb,
 		scheduler=scheduler,
+		hard_stop_after=hard_stop_after,
 	)
 	worker.respawn = respawn
 	worker.work(

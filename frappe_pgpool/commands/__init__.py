@@ -242,7 +242,18 @@ def _connector(host, port, dbname, user, password):
 	"in place of the config's; default: the config's, auto = one, as a forking worker has open). Set it to the number of sites the "
 	"worker serves to log in once per site; each kept connection holds a pgBouncer server (session mode).",
 )
-def worker(queue, quiet, burst, max_jobs, max_memory, respawn, no_scheduler, process_budget) -> None:
+@click.option(
+	"--hard-stop-after",
+	type=click.FloatRange(1, 3600),
+	default=60.0,
+	show_default=True,
+	help="Seconds past a job's timeout before a job that has not stopped (its timeout's exception "
+	"swallowed, or stuck in C code) is recorded as failed and the process exits (or, with --respawn, "
+	"replaces itself); the forking worker's parent kills such a horse at 60 s.",
+)
+def worker(
+	queue, quiet, burst, max_jobs, max_memory, respawn, no_scheduler, process_budget, hard_stop_after
+) -> None:
 	"""Run background jobs in this process (no fork per job): the pool keeps each site's connection."""
 	from frappe_pgpool.worker import start_worker
 
@@ -255,6 +266,7 @@ def worker(queue, quiet, burst, max_jobs, max_memory, respawn, no_scheduler, pro
 		scheduler=not no_scheduler,
 		respawn=respawn,
 		process_budget=process_budget,
+		hard_stop_after=hard_stop_after,
 	)
 
 
