@@ -37,7 +37,9 @@ def backend_alive(pid):
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
         return cur.fetchone()[0] == 1
 
-def kill(conn):
+def kill(conn, watch=True):
+    # watch=False: another thread is inside a query on conn, and its libpq reads (and may close) the
+    # socket: that thread's error is what shows the client saw the kill (killed_while_running)
     pid = conn.get_backend_pid()
     alive_before = backend_alive(pid)
     with admin.cursor() as cur:
@@ -48,9 +50,11 @@ def kill(conn):
         terminated = cur.fetchone()[0]
     # hang detectors, not speed bounds: the client's socket becomes readable (the backend's goodbye) and
     # the backend leaves pg_stat_activity, each waited for up to 10 s
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    seen = bool(poller.poll(10000))
+    seen = None
+    if watch:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        seen = bool(poller.poll(10000))
     deadline = time.monotonic() + 10
     while backend_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -149,13 +153,18 @@ def killed_while_running():
                 cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
                 row = cur.fetchone()
             if row and row[0] == "PgSleep":
-                kill(conn)
+                kill(conn, watch=False)
                 return
             time.sleep(0.02)
     killer_thread = threading.Thread(target=when_it_runs)
     killer_thread.start()
     try:
         frappe.db.sql("SELECT nextval('pgpool_retry_runs'), pg_sleep(20)")
+    except Exception:
+        killer_thread.join()
+        if kills:
+            kills[-1]["client_saw_it"] = True  # the statement running on it failed
+        raise
     finally:
         killer_thread.join()
 found = case(killed_while_running)
