@@ -37,10 +37,10 @@ def backend_alive(pid):
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
         return cur.fetchone()[0] == 1
 
-def kill(conn, watch=True):
+def kill(conn, watch=True, pid=None):
     # watch=False: another thread is inside a query on conn, and its libpq reads (and may close) the
     # socket: that thread's error is what shows the client saw the kill (killed_while_running)
-    pid = conn.get_backend_pid()
+    pid = pid or conn.get_backend_pid()
     alive_before = backend_alive(pid)
     with admin.cursor() as cur:
         if NO_FAULT:
@@ -145,17 +145,24 @@ import threading
 def killed_while_running():
     frappe.db.connect()
     conn = frappe.db._conn
-    pid = conn.get_backend_pid()
-    def when_it_runs():  # kills once the backend is inside pg_sleep (no guessed delay)
-        deadline = time.monotonic() + 30  # a hang detector
-        while time.monotonic() < deadline:
-            with admin.cursor() as cur:
-                cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
-                row = cur.fetchone()
-            if row and row[0] == "PgSleep":
-                kill(conn, watch=False)
-                return
-            time.sleep(0.02)
+    errors = []
+    def when_it_runs():  # kills once the statement's backend is inside pg_sleep (no guessed delay)
+        try:
+            deadline = time.monotonic() + 60  # a hang detector
+            while time.monotonic() < deadline:
+                # found by its text, not by conn's pid: a checkout found dead at its first statement is
+                # replaced before the statement runs (the first-statement retry), on another backend
+                with admin.cursor() as cur:
+                    cur.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND wait_event = 'PgSleep'"
+                        " AND query LIKE %s AND pid <> pg_backend_pid()", ("%pgpool_retry_runs%",))
+                    row = cur.fetchone()
+                if row:
+                    kill(conn, watch=False, pid=row[0])
+                    return
+                time.sleep(0.02)
+        except Exception as e:  # shown in the case's result, not lost in a thread
+            errors.append(repr(e))
     killer_thread = threading.Thread(target=when_it_runs)
     killer_thread.start()
     try:
@@ -167,6 +174,8 @@ def killed_while_running():
         raise
     finally:
         killer_thread.join()
+        if errors:
+            kills.append({"killer_error": errors[0]})
 found = case(killed_while_running)
 fresh()
 last_value, is_called = frappe.db.sql("SELECT last_value, is_called FROM pgpool_retry_runs")[0]
@@ -244,6 +253,7 @@ def results():
 def assert_the_fault_landed(found: dict) -> None:
 	"""Exactly one backend was killed in the case: it existed, was terminated, its client saw it go and
 	PostgreSQL no longer lists it."""
+	assert len(found["kills"]) == 1, found
 	(kill,) = found["kills"]
 	assert kill == {**kill, "alive_before": True, "terminated": True, "client_saw_it": True, "gone": True}, (
 		found
