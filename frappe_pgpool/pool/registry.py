@@ -101,6 +101,19 @@ class PoolKey:
 		return f"site {self.site} ({self.user}@{where}/{self.dbname})"
 
 
+def _end_excess(budget: ProcessBudget, excess: list) -> None:
+	"""Close the idle connections a lowered budget took out (trim), outside its lock; their slots are
+	freed even when interrupted."""
+	try:
+		for _pool, record in excess:
+			record.end()
+	finally:
+		if excess:
+			with budget.lock:
+				budget.open -= len(excess)
+				budget.dispatch()
+
+
 class PoolRegistry:
 	"""The pools of one process, and the connection budgets they share (see budget.py).
 
@@ -225,13 +238,7 @@ class PoolRegistry:
 		"""Apply db_pool_process_budget ("auto", None or 1..1000). A bad value is logged once, naming the
 		key, and "auto" applies (never more connections than plain Frappe) until it is fixed."""
 		self._check_pid()
-		try:
-			setting = parse_process_budget(value)
-		except ConfigError as e:
-			if repr(value) not in self._bad_budgets:
-				self._bad_budgets.add(repr(value))
-				log.error("%s; this process uses auto until it is fixed", e)
-			setting = None
+		setting = self._parse_or_auto(parse_process_budget, value, None)
 		self._budget_value = value
 		budget = self._budget
 		with budget.lock:
@@ -240,14 +247,7 @@ class PoolRegistry:
 			budget.setting = setting
 			excess = budget.trim()  # a lower budget: idle connections above it are closed now
 			budget.dispatch()  # a higher one: waiters get its new slots
-		try:
-			for _pool, record in excess:
-				record.end()
-		finally:  # their slots are freed even when interrupted
-			if excess:
-				with budget.lock:
-					budget.open -= len(excess)
-					budget.dispatch()
+		_end_excess(budget, excess)
 
 	def pin_process_budget(self, value: object) -> None:
 		"""Apply `value` as this process's db_pool_process_budget for good: the configured one, which getconn
@@ -261,13 +261,7 @@ class PoolRegistry:
 		"""Apply db_pool_process_clients ("auto" or None: off, or 1..1000) to the transaction-mode pools'
 		budget. A bad value is logged once, naming the key, and "auto" applies until it is fixed."""
 		self._check_pid()
-		try:
-			floor = parse_process_clients(value)
-		except ConfigError as e:
-			if repr(value) not in self._bad_budgets:
-				self._bad_budgets.add(repr(value))
-				log.error("%s; this process uses auto until it is fixed", e)
-			floor = PROCESS_CLIENTS_OFF
+		floor = self._parse_or_auto(parse_process_clients, value, PROCESS_CLIENTS_OFF)
 		self._clients_value = value
 		budget = self._clients
 		with budget.lock:
@@ -283,14 +277,18 @@ class PoolRegistry:
 			budget.dispatch()
 		for pool in switched_off:
 			pool.close_idle("reconfigured")
+		_end_excess(budget, excess)
+
+	def _parse_or_auto(self, parse: Callable[[object], object], value: object, auto: object) -> object:
+		"""A process-wide key's value as parsed; a bad one is logged once, naming the key, and `auto`
+		(what "auto" parses to) applies until it is fixed."""
 		try:
-			for _pool, record in excess:
-				record.end()
-		finally:
-			if excess:
-				with budget.lock:
-					budget.open -= len(excess)
-					budget.dispatch()
+			return parse(value)
+		except ConfigError as e:
+			if repr(value) not in self._bad_budgets:
+				self._bad_budgets.add(repr(value))
+				log.error("%s; this process uses auto until it is fixed", e)
+			return auto
 
 	def snapshot(self) -> dict[str, object]:
 		"""The process-wide figures: budget setting, limit and peak (db_pool_process_budget's), connections
