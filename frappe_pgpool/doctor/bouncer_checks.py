@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from .bouncer import Bouncer, _number
 from .model import Bench, Finding, Site, _group, _pool_key, demand
-from .wording import _names, _no_session_reset, _plural, _with_auto_budget, _with_fewer_clients
+from .wording import _client_cap_fix, _names, _no_session_reset, _plural, _with_auto_budget
 
 ADMIN_FIX = (
 	"give pgbouncer_admin_dsn (common_site_config.json, $PGPOOL_ADMIN_DSN or --admin-dsn) a user "
@@ -50,16 +50,12 @@ def _check_bouncer(bench: Bench, b: Bouncer, sites: list[Site]) -> list[Finding]
 				"max_client_conn",
 				f"pgBouncer {b.address}: the bench's processes can hold {total.text} clients for "
 				f"{_names(sites)}; it accepts max_client_conn={max_client}",
-				"; or ".join(
-					filter(
-						None,
-						[
-							f"raise max_client_conn to at least {total.total} plus your other clients",
-							_with_auto_budget(bench, sites, total),
-							_with_fewer_clients(bench, sites, max_client),
-							"lower db_pool_size",
-						],
-					)
+				_client_cap_fix(
+					bench,
+					sites,
+					total,
+					max_client,
+					f"raise max_client_conn to at least {total.total} plus your other clients",
 				),
 			)
 		)
@@ -220,16 +216,8 @@ def _client_caps(bench: Bench, b: Bouncer, pools: dict) -> list[Finding]:
 						setting,
 						f"pgBouncer {axis} {name} ({_names(members)}): the bench's processes can hold "
 						f"{clients.text} clients, but {setting}={cap}: the excess is refused at login",
-						"; or ".join(
-							filter(
-								None,
-								[
-									f"raise {setting} to at least {clients.total}",
-									_with_auto_budget(bench, members, clients),
-									_with_fewer_clients(bench, members, cap),
-									"lower db_pool_size",
-								],
-							)
+						_client_cap_fix(
+							bench, members, clients, cap, f"raise {setting} to at least {clients.total}"
 						),
 					)
 				)

@@ -60,3 +60,10 @@ def _no_session_reset(members: list[Site], why: str) -> list[Finding]:
 			'remove db_pool_pgbouncer_mode (or set it to "session") for these sites',
 		)
 	]
+
+
+def _client_cap_fix(bench: Bench, sites: Sequence[Site], clients: Demand, cap: int, raise_it: str) -> str:
+	"""The fixes for more clients than a pgBouncer client cap allows: raise it (`raise_it`), or hold fewer
+	(the auto budget, fewer kept clients), or a smaller db_pool_size."""
+	fixes = [raise_it, _with_auto_budget(bench, sites, clients), _with_fewer_clients(bench, sites, cap)]
+	return "; or ".join(filter(None, [*fixes, "lower db_pool_size"]))
