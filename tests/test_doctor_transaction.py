@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import psycopg2
+
 from frappe_pgpool import doctor
 from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 
 from .conftest import USERS
-from .test_operability import behind, bench_of, by_check, examine, pool_config
+from .test_operability import admin_dsn, behind, bench_of, by_check, examine, pool_config
 
 TX = pool_config(size=8, pgbouncer_mode="transaction")
 
@@ -148,3 +150,62 @@ def test_doctor_warns_when_sites_disagree_on_db_pool_process_clients(cluster):
 	assert warning.level == "warn" and "the sites disagree on db_pool_process_clients" in warning.message
 	assert "100 for site04.local" in warning.message and "auto for site01.local" in warning.message
 	assert "common_site_config.json" in warning.fix
+
+
+def advise(bouncer: PgBouncer | None, bench: doctor.Bench) -> doctor.ClientsAdvice:
+	"""What `doctor --apply` would set, with pgBouncer's admin console when `bouncer` is given."""
+	bouncers = {}
+	if bouncer is not None:
+		examine(bouncer, bench)  # the same bench checked as doctor shows it (and SHOW DATABASES primed)
+		bouncers[doctor.address(bouncer.host, bouncer.port)] = lambda: psycopg2.connect(
+			admin_dsn(bouncer, bouncer.admin_password)
+		)
+	advice = doctor.advise_process_clients(bench, bouncers)
+	print(advice)
+	for secret in [*USERS.values(), PgBouncer.admin_password]:
+		assert secret not in repr(advice)
+	return advice
+
+
+def test_apply_sets_a_client_per_site_where_every_check_accepts_it(cluster):
+	"""20 sites, pool size and max_db_connections 2: 20 x 2 = 40 servers at most, 7 x 20 clients."""
+	settings = dict(pool_mode="transaction", default_pool_size=2, max_db_connections=2, max_client_conn=1000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		advice = advise(bouncer, bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, jobs=3))
+	assert advice.value == 20, advice
+	assert not advice.refused
+	accepted = {f.check: f for f in advice.accepted}
+	assert "4 web x 20 + 3 job x 20 = 140" in accepted["max_client_conn"].message
+	assert "up to 40 backends" in accepted["max_connections"].message
+
+
+def test_apply_lowers_the_client_budget_to_the_most_the_client_cap_accepts(cluster):
+	"""max_client_conn=100 refuses 7 processes x 20 clients (140) and accepts 7 x 14 (98), not 7 x 15."""
+	settings = dict(pool_mode="transaction", default_pool_size=2, max_db_connections=2, max_client_conn=100)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		advice = advise(bouncer, bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, jobs=3))
+	assert advice.value == 14, advice
+	assert "4 web x 14 + 3 job x 14 = 98" in {f.check: f for f in advice.accepted}["max_client_conn"].message
+
+
+def test_apply_leaves_the_client_budget_off_where_the_servers_would_not_fit(cluster):
+	"""20 sites x 19 transactions at once (4 gthread x 4 threads + 3 jobs), pools of 20 and no cap: 380
+	servers, over PostgreSQL's 297. Fewer kept clients would not change it: off, with the cap to set."""
+	settings = dict(pool_mode="transaction", default_pool_size=20, max_client_conn=5000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		bench = bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, threads=4, jobs=3)
+		advice = advise(bouncer, bench)
+	assert advice.value is None, advice
+	assert [f.check for f in advice.refused] == ["max_connections"]
+	assert "db_pool_process_clients=20" in advice.reason and "380 backends" in advice.reason
+	assert "cap each of the 20 transaction-mode pools at 14 servers" in advice.fix
+
+
+def test_apply_needs_the_admin_console_and_a_site_in_transaction_mode(cluster):
+	with PgBouncer(cluster, users=USERS, pool_mode="transaction") as bouncer:
+		blind = advise(None, bench_of(tx_sites(bouncer, 3, clients="auto")))
+		session = [dataclasses.replace(s, config=pool_config(size=8)) for s in tx_sites(bouncer, 3)]
+		none = advise(bouncer, bench_of(session))
+	assert blind.value is None and "no pgBouncer admin console examined" in blind.reason
+	assert "pgbouncer_admin_dsn" in blind.fix
+	assert none.value is None and "no pooled site is in pgBouncer transaction mode" in none.reason

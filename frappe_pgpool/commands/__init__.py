@@ -83,8 +83,18 @@ def status(context, as_json: bool, prometheus: bool) -> None:
 	type=int,
 	help="RQ work-horses + scheduler (default: live count or 2 x background_workers + 1).",
 )
+@click.option(
+	"--apply",
+	"apply_clients",
+	is_flag=True,
+	help="Then set db_pool_process_clients in common_site_config.json (the client budget of sites in "
+	"pgBouncer transaction mode) to the largest value whose worst case every check accepts, or remove it "
+	"where none is.",
+)
 @pass_context
-def doctor(context, admin_dsn, ask_password, postgres_dsn, web_workers, threads, job_processes) -> None:
+def doctor(
+	context, admin_dsn, ask_password, postgres_dsn, web_workers, threads, job_processes, apply_clients
+) -> None:
 	"""Check pgBouncer and PostgreSQL against what the pools of all the bench's sites can hold at once."""
 	import frappe
 
@@ -113,6 +123,7 @@ def doctor(context, admin_dsn, ask_password, postgres_dsn, web_workers, threads,
 			jobs=job_processes or max(live_jobs, 2 * int(conf.get("background_workers") or 1) + 1),
 		)
 		mine = checks.address(conf.get("db_host") or conf.get("db_socket"), conf.get("db_port"))
+		sites_path = frappe.local.sites_path
 	finally:
 		frappe.destroy()
 	pooled = [s for s in sites if s.pooled]
@@ -138,7 +149,61 @@ def doctor(context, admin_dsn, ask_password, postgres_dsn, web_workers, threads,
 	findings += checks.examine(bench, bouncers, postgres.connect if postgres.dsn else None)
 	findings += checks.check_processes(reports)
 	click.echo(checks.render(findings))
+	if apply_clients:
+		advice = checks.advise_process_clients(bench, bouncers, postgres.connect if postgres.dsn else None)
+		_apply_process_clients(frappe, site, sites_path, advice)
 	sys.exit(1 if any(f.level == "error" for f in findings) else 0)
+
+
+def _apply_process_clients(frappe, site: str, sites_path: str, advice) -> None:
+	"""Write doctor's advice on db_pool_process_clients into common_site_config.json: the value where
+	every check accepts one, else no key (off: plain Frappe's peak). A site's own site_config.json value
+	overrides it: named, not edited. Frappe reads the config at every request: no restart needed."""
+	from frappe.installer import update_site_config
+
+	from frappe_pgpool.pool.config import PROCESS_CLIENTS_KEY as key
+
+	path = os.path.abspath(os.path.join(sites_path, "common_site_config.json"))
+	current = frappe.get_common_site_config(sites_path).get(key)
+	own = [
+		name
+		for name in sorted(os.listdir(sites_path))
+		if key in _json_file(os.path.join(sites_path, name, "site_config.json"))
+	]
+	if advice.value is not None:
+		click.echo(f"apply: {advice.reason}")
+		for finding in advice.accepted:
+			click.echo(f"  {finding.check}: {finding.message}")
+		change = current != advice.value
+	else:
+		click.echo(
+			f"apply: {key} stays off: {advice.reason}" + (f"\n  fix: {advice.fix}" if advice.fix else "")
+		)
+		change = current is not None and str(current).strip().lower() != "auto"
+	if change:
+		frappe.init(site=site)
+		try:
+			update_site_config(key, advice.value or "None", validate=False, site_config_path=path)
+		finally:
+			frappe.destroy()
+		now = f"set to {advice.value}" if advice.value is not None else "removed (off)"
+		click.echo(f"apply: {key} {now} in {path} (was {current if current is not None else 'unset'})")
+	else:
+		click.echo(f"apply: {path} unchanged ({key}: {current if current is not None else 'unset'})")
+	if own:
+		click.echo(
+			f"apply: {', '.join(own)} set {key} in their own site_config.json, which overrides "
+			"common_site_config.json: remove it there"
+		)
+
+
+def _json_file(path: str) -> dict:
+	try:
+		with open(path) as f:
+			value = json.load(f)
+	except (OSError, ValueError):
+		return {}
+	return value if isinstance(value, dict) else {}
 
 
 def _live_counts(reports: list[dict]) -> tuple[int, int]:

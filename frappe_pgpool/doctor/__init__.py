@@ -20,9 +20,11 @@ I/O), `dsn` (the DSNs doctor connects with, and what of them is safe to show), `
 admin console), `postgres` (PostgreSQL's limits), `wording` (how findings name sites, the fix clauses
 budgets offer), `bouncer_checks` and `server_checks` (the findings against each pgBouncer and each
 PostgreSQL server), `checks` (examine() that runs them all, and the bench's and processes' own checks),
-`report` (the findings as text).
+`advice` (what `doctor --apply` sets: the largest db_pool_process_clients every check accepts), `report`
+(the findings as text).
 """
 
+from .advice import ClientsAdvice, advise_process_clients
 from .bouncer import Bouncer, admin_rows
 from .checks import ADMIN_FIX, ARMED_FIX, POSTGRES_FIX, check_processes, examine
 from .dsn import (
@@ -53,6 +55,7 @@ __all__ = [
 	"POSTGRES_FIX",
 	"Bench",
 	"Bouncer",
+	"ClientsAdvice",
 	"Connect",
 	"Demand",
 	"Finding",
@@ -61,6 +64,7 @@ __all__ = [
 	"Site",
 	"address",
 	"admin_rows",
+	"advise_process_clients",
 	"carries_password",
 	"check_processes",
 	"demand",

@@ -10,6 +10,7 @@ servers are pgBouncer's: each pool keeps those its clients gave back until serve
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -21,11 +22,13 @@ from .bench import BENCH, SITE, bench_cli, requires_bench
 from .e2e import Gunicorn
 from .sites import (
 	Sampler,
+	common_config_path,
 	configs_restored,
 	connection_timeline,
 	logins,
 	point_at,
 	set_common_config,
+	set_site_config,
 	start_bouncer,
 	timeline_peaks,
 )
@@ -34,6 +37,7 @@ pytestmark = [pytest.mark.frappe, requires_bench]
 
 SITES = [f"mtx{i:02d}.pgpool.test" for i in range(1, 11)]  # own database and user each
 WORKERS = 2
+KEY = "db_pool_process_clients"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +99,45 @@ def test_sync_workers_keep_a_client_per_site_and_stay_within_doctors_servers(fle
 	assert servers <= predicted and backends <= predicted
 	(clients_line,) = [x for x in result.stdout.splitlines() if "max_client_conn" in x and "clients" in x]
 	assert f"x {len(SITES)}" in clients_line  # every process may keep a client per site
+
+
+def test_doctor_apply_sets_the_client_budget_that_fits_and_removes_one_that_does_not(fleet, monkeypatch):
+	"""`bench pgpool doctor --apply`: db_pool_process_clients in common_site_config.json at the largest value
+	every check accepts (a client of each of the 10 sites; the most max_client_conn=200 accepts where it
+	refuses that),
+	removed where the servers cannot be counted (a site in transaction mode with no pgBouncer examined)."""
+	bouncer = fleet["bouncer"]
+	monkeypatch.setenv(
+		"PGPOOL_ADMIN_DSN", bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer")
+	)
+
+	def apply(*workers: str) -> tuple[str, object]:
+		result = bench_cli("pgpool", "doctor", "--apply", *workers, site=SITES[0], timeout=300)
+		print(result.stdout, result.stderr)
+		assert "Traceback" not in result.stderr
+		lines = result.stdout.splitlines()
+		applied = lines[next(i for i, x in enumerate(lines) if x.startswith("apply:")) :]
+		for secret in (bouncer.admin_password, *(q.db_password for q in fleet["quick"])):
+			assert secret not in result.stdout + result.stderr
+		return "\n".join(applied), json.loads(common_config_path().read_text()).get(KEY)
+
+	with configs_restored([SITE]):
+		try:
+			# only the fleet in transaction mode (its own site_config), the rest of the bench as it was
+			set_common_config(db_pool_pgbouncer_mode=None, db_pool_process_clients=None)
+			set_site_config(SITES, db_pool_pgbouncer_mode="transaction")
+			text, value = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
+			assert value == len(SITES), text
+			assert f"{KEY} set to {len(SITES)}" in text and "(was unset)" in text
+			assert "2 web x 10 + 1 job x 10 = 30" in text  # the clients it counted
+			# 30 web workers + 1: 31 x 10 clients > max_client_conn=200; 31 x 6 = 186 fit, 31 x 7 do not
+			text, value = apply("--web-workers", "30", "--threads", "1", "--job-processes", "1")
+			assert value == 6 and f"{KEY} set to 6" in text and "(was 10)" in text, text
+			# a site in transaction mode whose pgBouncer doctor cannot see: its servers cannot be counted
+			set_site_config([SITE], db_pool_pgbouncer_mode="transaction")
+			text, value = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
+			assert value is None and f"{KEY} removed (off)" in text, text
+			assert f"{SITE}" in text and "no pgBouncer admin console examined" in text
+		finally:
+			set_site_config(SITES, db_pool_pgbouncer_mode=None)
+			set_common_config(db_pool_pgbouncer_mode="transaction", db_pool_process_clients=100)
