@@ -198,6 +198,31 @@ def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers:
 		return None
 
 
+def doctor_apply(bouncer, quick: list, members: list[str], workers: str) -> str | None:
+	"""What `bench pgpool doctor --apply` sets db_pool_process_clients to for the row's bench (its real
+	pgBouncer settings and PostgreSQL's max_connections; this shape's gunicorn workers, no job process):
+	a number, or "off" and the check that refused it. None where the rows are not in transaction mode."""
+	if bouncer is None or _TX_NOW.get("db_pool_pgbouncer_mode") != "transaction":
+		return None
+	n_workers, threads, _ = WORKERS[workers]
+	at = doctor.address(bouncer.host, bouncer.port)
+	config = PoolConfig(enabled=True, **transaction_mode_config())
+	by_name = {q.name: q for q in quick}
+	sites = [
+		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", "auto")
+		for name in members
+	]
+	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
+
+	def admin():
+		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
+
+	advice = doctor.advise_process_clients(bench, {at: admin}, upstream().connect)
+	if advice.value is not None:
+		return str(advice.value)
+	return "off: " + ", ".join(dict.fromkeys(f.check for f in advice.refused)) if advice.refused else "off"
+
+
 def idle_backend_memory(dbs: set[str]) -> dict | None:
 	"""Memory of the idle PostgreSQL backends of these databases now (the servers pgBouncer keeps after
 	serving Frappe requests): count, and per backend the mean Pss and private (clean + dirty) KiB from
@@ -292,6 +317,7 @@ class Run:
 				warm += plan(sites, "zipf" if traffic == "zipf" else "uniform", args.warmup, 7, args.zipf)
 			load(web, warm, clients)  # warm-up
 			predicted = doctor_servers(bouncer, self.quick, sites, pool, workers)
+			applied = doctor_apply(bouncer, self.quick, sites, workers) if pool == "on" else None
 			logins0 = logins(bouncer, dbs) if bouncer else None
 			sessions0 = backend_sessions(dbs)
 			cpu0 = worker_cpu(web)
@@ -352,6 +378,7 @@ class Run:
 			"peak_cl_waiting": max((s.get("cl_waiting", 0) for s in samples), default=0) if bouncer else None,
 			"peak_backends": max((s["backends"] for s in samples), default=0),
 			"doctor_servers": predicted,
+			"doctor_apply": applied,
 			"idle_backend_memory": memory,
 			"peak_backends_all": max((s["backends_all"] for s in samples), default=0),
 			"peak_clients_per_process": max(
@@ -568,6 +595,10 @@ def summary(rows: list[dict]) -> list[dict]:
 				"peak_cl_waiting": peak("peak_cl_waiting"),
 				"peak_backends": peak("peak_backends"),
 				"doctor_servers": peak("doctor_servers") if "doctor_servers" in first else None,
+				"doctor_apply": "/".join(
+					sorted({str(m["doctor_apply"]) for m in members if m.get("doctor_apply")})
+				)
+				or None,
 				"idle_backend_memory": next(
 					(m["idle_backend_memory"] for m in reversed(members) if m.get("idle_backend_memory")),
 					None,
@@ -829,6 +860,22 @@ def render(
 			lines.append(
 				f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {name} | {e['hits']} | "
 				f"{e['misses']} | {evictions} | {_budgets(e)} |"
+			)
+	applied = [r for r in merged if r.get("doctor_apply")]
+	if applied:
+		lines += [
+			"",
+			"## What `bench pgpool doctor --apply` sets db_pool_process_clients to for each cell's bench",
+			"",
+			"Computed in each pooled row, before its measured pings, from the row's pgBouncer (admin console) and "
+			"PostgreSQL: the largest value every doctor check accepts, or off and the checks that refuse any.",
+			"",
+			"| placement | workers | shape | traffic | doctor --apply |",
+			"|---|---|---|---|---|",
+		]
+		for r in applied:
+			lines.append(
+				f"| {r['placement']} | {r['workers']} | {r['shape']} | {r['traffic']} | {r['doctor_apply']} |"
 			)
 	memory = [r for r in merged if r.get("idle_backend_memory")]
 	if memory:
