@@ -150,8 +150,18 @@ class Bouncer:
 		per = {key: self.pool_servers(bench, members, *key, budget) for key, members in pools.items()}
 		linger = {k for k in per if self.mode(*k) != "session" and any(s.client_budgeted for s in pools[k])}
 		held = [k for k in per if k not in linger]
+		# The end of a kept client behind transaction mode (an eviction, an idle close) sends BEGIN, so that
+		# pgBouncer lends it the idle server its last return left and drops it with the client. Where that
+		# pool has no idle server at that instant (all busy), pgBouncer starts one for the BEGIN, which then
+		# stays idle until server_idle_timeout: one more than its transactions, per such pool.
+		strays = {
+			k: min(self.size(*k) + self.reserve(*k), per[k] + 1) - per[k]
+			for k in held
+			if self.mode(*k) != "session" and any(s.pooled for s in pools[k])
+		}
 		total = min(
-			sum(per[k] for k in held), demand(bench, [s for k in held for s in pools[k]], budget).total
+			sum(per[k] + strays.get(k, 0) for k in held),
+			demand(bench, [s for k in held for s in pools[k]], budget).total + sum(strays.values()),
 		)
 		total += sum(per[k] for k in linger)
 		if capped:
