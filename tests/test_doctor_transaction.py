@@ -137,6 +137,22 @@ def test_by_default_doctor_counts_the_peak_rule_and_says_what_opting_in_costs(cl
 	assert "server_idle_timeout" not in found  # no kept client per site: no idle servers of its own
 
 
+def test_doctor_counts_the_server_an_ending_client_may_start_per_transaction_pool(cluster):
+	"""Peak rule (the default), 20 sites behind transaction mode, 4 sync web workers: 4 transactions at
+	once, and a kept client's end sends BEGIN so that pgBouncer drops the idle server its last return
+	left; where that pool has no idle server then, pgBouncer starts one, which stays idle: up to one more
+	per pool (the sites benchmark measured 5 servers for 4 sync workers, 10 for 2x4 gthread)."""
+	settings = dict(pool_mode="transaction", default_pool_size=20, max_client_conn=1000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		found = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, jobs=0)))
+		plain = [dataclasses.replace(s, config=PoolConfig()) for s in tx_sites(bouncer, 20)]
+		unpooled = by_check(examine(bouncer, bench_of(plain, web=4, jobs=0)))
+	assert "up to 24 backends" in found["max_connections"].message, found["max_connections"]
+	assert "20 pools may open 24" in found["max_connections"].message
+	# plain Frappe ends no kept client: its transactions only
+	assert "up to 4 backends" in unpooled["max_connections"].message, unpooled["max_connections"]
+
+
 def test_doctor_warns_when_sites_disagree_on_db_pool_process_clients(cluster):
 	"""db_pool_process_clients is process-wide but read from each request's site: one site setting it in
 	its own site_config.json makes every process switch the client budget on and off, closing its kept
@@ -152,7 +168,7 @@ def test_doctor_warns_when_sites_disagree_on_db_pool_process_clients(cluster):
 	assert "common_site_config.json" in warning.fix
 
 
-def advise(bouncer: PgBouncer | None, bench: doctor.Bench) -> doctor.ClientsAdvice:
+def advise(bouncer: PgBouncer | None, bench: doctor.Bench, **kw) -> doctor.ClientsAdvice:
 	"""What `doctor --apply` would set, with pgBouncer's admin console when `bouncer` is given."""
 	bouncers = {}
 	if bouncer is not None:
@@ -160,7 +176,7 @@ def advise(bouncer: PgBouncer | None, bench: doctor.Bench) -> doctor.ClientsAdvi
 		bouncers[doctor.address(bouncer.host, bouncer.port)] = lambda: psycopg2.connect(
 			admin_dsn(bouncer, bouncer.admin_password)
 		)
-	advice = doctor.advise_process_clients(bench, bouncers)
+	advice = doctor.advise_process_clients(bench, bouncers, **kw)
 	print(advice)
 	for secret in [*USERS.values(), PgBouncer.admin_password]:
 		assert secret not in repr(advice)
@@ -195,7 +211,7 @@ def test_apply_leaves_the_client_budget_off_where_the_servers_would_not_fit(clus
 	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
 		bench = bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, threads=4, jobs=3)
 		advice = advise(bouncer, bench)
-	assert advice.value is None, advice
+	assert advice.value is None and advice.decided, advice  # it does not fit: --apply removes the key
 	assert [f.check for f in advice.refused] == ["max_connections"]
 	assert "db_pool_process_clients=20" in advice.reason and "380 backends" in advice.reason
 	assert "cap each of the 20 transaction-mode pools at 14 servers" in advice.fix
@@ -206,6 +222,29 @@ def test_apply_needs_the_admin_console_and_a_site_in_transaction_mode(cluster):
 		blind = advise(None, bench_of(tx_sites(bouncer, 3, clients="auto")))
 		session = [dataclasses.replace(s, config=pool_config(size=8)) for s in tx_sites(bouncer, 3)]
 		none = advise(bouncer, bench_of(session))
-	assert blind.value is None and "no pgBouncer admin console examined" in blind.reason
-	assert "pgbouncer_admin_dsn" in blind.fix
-	assert none.value is None and "no pooled site is in pgBouncer transaction mode" in none.reason
+	assert blind.value is None and not blind.decided  # cannot tell: --apply leaves the key as it is
+	assert "no pgBouncer admin console examined" in blind.reason and "pgbouncer_admin_dsn" in blind.fix
+	assert none.value is None and not none.decided
+	assert "no pooled site is in pgBouncer transaction mode" in none.reason
+
+
+def test_apply_decides_nothing_when_a_count_is_missing_or_already_wrong(cluster):
+	"""Cannot tell, so the key is left as it is: PostgreSQL's max_connections not read (no credentials
+	that read it), a site overriding the key in its own site_config.json (the written value would not
+	reach it), a site left out of the count for a bad setting, or doctor's errors with the key off."""
+	settings = dict(pool_mode="transaction", default_pool_size=2, max_db_connections=2, max_client_conn=1000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		sites = tx_sites(bouncer, 20, clients="auto")
+		unread = advise(bouncer, bench_of([dataclasses.replace(s, connect=None) for s in sites]))
+		overridden = advise(bouncer, bench_of(sites), overriding=["site03.local"])
+		bad = doctor.Finding("error", "site config", "site21.local: db_pool_size: not a number")
+		skipped = advise(bouncer, bench_of(sites), known=[bad])
+	with PgBouncer(cluster, users=USERS, **{**settings, "max_client_conn": 5}) as bouncer:
+		# 7 processes x 1 client > 5 with the client budget off: not the value's doing
+		wrong = advise(bouncer, bench_of(tx_sites(bouncer, 20, clients="auto"), web=4, jobs=3))
+	for advice in (unread, overridden, skipped, wrong):
+		assert advice.value is None and not advice.decided, advice
+	assert "PostgreSQL not checked" in unread.reason
+	assert "site03.local set db_pool_process_clients in their own site_config.json" in overridden.reason
+	assert "site21.local: db_pool_size" in skipped.reason
+	assert "errors with the client budget off" in wrong.reason and "max_client_conn" in wrong.reason
