@@ -114,14 +114,17 @@ def doctor(
 			reports = []
 		sites, findings = _bench_sites(frappe, checks)
 		live_web, live_jobs = _live_counts(reports)
-		bench = checks.Bench(
-			sites,
-			web=web_workers
-			or max(live_web, int(conf.get("gunicorn_workers") or 0))
-			or (os.cpu_count() or 1) * 2 + 1,
-			threads=threads or int(conf.get("gunicorn_threads") or 1),
-			jobs=job_processes or max(live_jobs, 2 * int(conf.get("background_workers") or 1) + 1),
+		seen = (  # the bench as it runs (live processes) or is configured
+			max(live_web, int(conf.get("gunicorn_workers") or 0)) or (os.cpu_count() or 1) * 2 + 1,
+			int(conf.get("gunicorn_threads") or 1),
+			max(live_jobs, 2 * int(conf.get("background_workers") or 1) + 1),
 		)
+		asked = (web_workers, threads, job_processes)
+		# asked about a larger bench, doctor counts it; a value written for the bench must fit the real one too
+		web, per_worker, jobs = (
+			max(a or 0, s) if apply_clients else (a or s) for a, s in zip(asked, seen, strict=True)
+		)
+		bench = checks.Bench(sites, web=web, threads=per_worker, jobs=jobs)
 		mine = checks.address(conf.get("db_host") or conf.get("db_socket"), conf.get("db_port"))
 		sites_path = frappe.local.sites_path
 	finally:
@@ -150,51 +153,69 @@ def doctor(
 	findings += checks.check_processes(reports)
 	click.echo(checks.render(findings))
 	if apply_clients:
-		advice = checks.advise_process_clients(bench, bouncers, postgres.connect if postgres.dsn else None)
-		_apply_process_clients(frappe, site, sites_path, advice)
+		from frappe_pgpool.pool.config import PROCESS_CLIENTS_KEY
+
+		own = [s.name for s in sites if PROCESS_CLIENTS_KEY in _json_file(_site_config(sites_path, s.name))]
+		advice = checks.advise_process_clients(
+			bench, bouncers, postgres.connect if postgres.dsn else None, overriding=own, known=findings
+		)
+		_apply_process_clients(sites_path, advice)
+		if not advice.decided and advice.fix:  # a decision asked for and not made: fails the command
+			sys.exit(1)
 	sys.exit(1 if any(f.level == "error" for f in findings) else 0)
 
 
-def _apply_process_clients(frappe, site: str, sites_path: str, advice) -> None:
-	"""Write doctor's advice on db_pool_process_clients into common_site_config.json: the value where
-	every check accepts one, else no key (off: plain Frappe's peak). A site's own site_config.json value
-	overrides it: named, not edited. Frappe reads the config at every request: no restart needed."""
-	from frappe.installer import update_site_config
-
+def _apply_process_clients(sites_path: str, advice) -> None:
+	"""Write doctor's advice on db_pool_process_clients into common_site_config.json: the value where every
+	check accepts one, no key where none fits, unchanged where doctor cannot tell. Frappe reads the config
+	at every request: no restart needed."""
 	from frappe_pgpool.pool.config import PROCESS_CLIENTS_KEY as key
 
 	path = os.path.abspath(os.path.join(sites_path, "common_site_config.json"))
-	current = frappe.get_common_site_config(sites_path).get(key)
-	own = [
-		name
-		for name in sorted(os.listdir(sites_path))
-		if key in _json_file(os.path.join(sites_path, name, "site_config.json"))
-	]
+	current = _json_file(path).get(key)
+	was = "unset" if current is None else json.dumps(current)
 	if advice.value is not None:
 		click.echo(f"apply: {advice.reason}")
 		for finding in advice.accepted:
-			click.echo(f"  {finding.check}: {finding.message}")
-		change = current != advice.value
+			click.echo(f"  {finding.level:5} {finding.check}: {finding.message}")
+	elif advice.decided:
+		click.echo(f"apply: {key} does not fit: {advice.reason}\n  fix: {advice.fix}")
 	else:
 		click.echo(
-			f"apply: {key} stays off: {advice.reason}" + (f"\n  fix: {advice.fix}" if advice.fix else "")
+			f"apply: cannot tell, {path} left as it is ({key}: {was}): {advice.reason}"
+			+ (f"\n  fix: {advice.fix}" if advice.fix else "")
 		)
-		change = current is not None and str(current).strip().lower() != "auto"
-	if change:
-		frappe.init(site=site)
-		try:
-			update_site_config(key, advice.value or "None", validate=False, site_config_path=path)
-		finally:
-			frappe.destroy()
-		now = f"set to {advice.value}" if advice.value is not None else "removed (off)"
-		click.echo(f"apply: {key} {now} in {path} (was {current if current is not None else 'unset'})")
-	else:
-		click.echo(f"apply: {path} unchanged ({key}: {current if current is not None else 'unset'})")
-	if own:
-		click.echo(
-			f"apply: {', '.join(own)} set {key} in their own site_config.json, which overrides "
-			"common_site_config.json: remove it there"
-		)
+		return
+	if advice.value is None and (current is None or str(current).strip().lower() == "auto"):
+		click.echo(f"apply: {path} unchanged ({key}: {was}, off)")
+		return
+	if current == advice.value:
+		click.echo(f"apply: {path} unchanged ({key}: {was})")
+		return
+	_write_config(path, key, advice.value)
+	now = f"set to {advice.value}" if advice.value is not None else "removed (off)"
+	click.echo(f"apply: {key} {now} in {path} (was {was})")
+
+
+def _write_config(path: str, key: str, value: object) -> None:
+	"""Set (None: remove) one key of a JSON config file, under Frappe's lock for it, by an atomic rename:
+	a request reading the file meanwhile sees the old or the new one, never a half-written one."""
+	from frappe.utils.synchronization import filelock
+
+	with filelock("site_config", is_global=True):
+		data = _json_file(path)
+		if value is None:
+			data.pop(key, None)
+		else:
+			data[key] = value
+		tmp = f"{path}.{os.getpid()}.tmp"
+		with open(tmp, "w") as f:
+			f.write(json.dumps(data, indent=1, sort_keys=True))
+		os.replace(tmp, path)
+
+
+def _site_config(sites_path: str, name: str) -> str:
+	return os.path.join(sites_path, name, "site_config.json")
 
 
 def _json_file(path: str) -> dict:

@@ -111,7 +111,7 @@ def test_doctor_apply_sets_the_client_budget_that_fits_and_removes_one_that_does
 		"PGPOOL_ADMIN_DSN", bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer")
 	)
 
-	def apply(*workers: str) -> tuple[str, object]:
+	def apply(*workers: str) -> tuple[str, object, int]:
 		result = bench_cli("pgpool", "doctor", "--apply", *workers, site=SITES[0], timeout=300)
 		print(result.stdout, result.stderr)
 		assert "Traceback" not in result.stderr
@@ -119,24 +119,27 @@ def test_doctor_apply_sets_the_client_budget_that_fits_and_removes_one_that_does
 		applied = lines[next(i for i, x in enumerate(lines) if x.startswith("apply:")) :]
 		for secret in (bouncer.admin_password, *(q.db_password for q in fleet["quick"])):
 			assert secret not in result.stdout + result.stderr
-		return "\n".join(applied), json.loads(common_config_path().read_text()).get(KEY)
+		return "\n".join(applied), json.loads(common_config_path().read_text()).get(KEY), result.returncode
 
 	with configs_restored([SITE]):
 		try:
 			# only the fleet in transaction mode (its own site_config), the rest of the bench as it was
 			set_common_config(db_pool_pgbouncer_mode=None, db_pool_process_clients=None)
 			set_site_config(SITES, db_pool_pgbouncer_mode="transaction")
-			text, value = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
-			assert value == len(SITES), text
+			text, value, code = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
+			assert value == len(SITES) and code == 0, text
 			assert f"{KEY} set to {len(SITES)}" in text and "(was unset)" in text
-			assert "2 web x 10 + 1 job x 10 = 30" in text  # the clients it counted
-			# 30 web workers + 1: 31 x 10 clients > max_client_conn=200; 31 x 6 = 186 fit, 31 x 7 do not
-			text, value = apply("--web-workers", "30", "--threads", "1", "--job-processes", "1")
+			# the clients it counted: --job-processes 1 asks about fewer job processes than the bench's
+			# background_workers 1 runs (2 x 1 + 1), and a value written must fit the real bench too
+			assert "2 web x 10 + 3 job x 10 = 50" in text
+			# 30 web workers + 3: 33 x 10 clients > max_client_conn=200; 33 x 6 = 198 fit, 33 x 7 do not
+			text, value, code = apply("--web-workers", "30", "--threads", "1", "--job-processes", "1")
 			assert value == 6 and f"{KEY} set to 6" in text and "(was 10)" in text, text
 			# a site in transaction mode whose pgBouncer doctor cannot see: its servers cannot be counted
 			set_site_config([SITE], db_pool_pgbouncer_mode="transaction")
-			text, value = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
-			assert value is None and f"{KEY} removed (off)" in text, text
+			text, value, code = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
+			# cannot tell: the key is left as it is, and the command fails
+			assert value == 6 and "apply: cannot tell" in text and code == 1, text
 			assert f"{SITE}" in text and "no pgBouncer admin console examined" in text
 		finally:
 			set_site_config(SITES, db_pool_pgbouncer_mode=None)
