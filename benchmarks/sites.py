@@ -198,18 +198,20 @@ def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers:
 		return None
 
 
-def doctor_apply(bouncer, quick: list, members: list[str], workers: str) -> str | None:
-	"""What `bench pgpool doctor --apply` sets db_pool_process_clients to for the row's bench (its real
+def doctor_apply(bouncer, quick: list, members: list[str], workers: str) -> tuple[str, str] | None:
+	"""What `bench pgpool doctor --apply` does with db_pool_process_clients for the row's bench (its real
 	pgBouncer settings and PostgreSQL's max_connections; this shape's gunicorn workers, no job process):
-	a number, or "off" and the check that refused it. None where the rows are not in transaction mode."""
+	a short label (the value, "off: <checks>" where it does not fit, "cannot tell: ..."), and doctor's
+	report of the bench as the row runs it with what --apply says. None outside transaction mode."""
 	if bouncer is None or _TX_NOW.get("db_pool_pgbouncer_mode") != "transaction":
 		return None
 	n_workers, threads, _ = WORKERS[workers]
 	at = doctor.address(bouncer.host, bouncer.port)
 	config = PoolConfig(enabled=True, **transaction_mode_config())
 	by_name = {q.name: q for q in quick}
+	clients = _TX_NOW.get("db_pool_process_clients", "auto")  # as the row's processes apply it
 	sites = [
-		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", "auto")
+		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", clients)
 		for name in members
 	]
 	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
@@ -217,10 +219,16 @@ def doctor_apply(bouncer, quick: list, members: list[str], workers: str) -> str 
 	def admin():
 		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
 
+	report = doctor.render(doctor.examine(bench, {at: admin}, upstream().connect))
 	advice = doctor.advise_process_clients(bench, {at: admin}, upstream().connect)
 	if advice.value is not None:
-		return str(advice.value)
-	return "off: " + ", ".join(dict.fromkeys(f.check for f in advice.refused)) if advice.refused else "off"
+		label = str(advice.value)
+	elif advice.decided:
+		label = "off: " + ", ".join(dict.fromkeys(f.check for f in advice.refused))
+	else:
+		label = "cannot tell: " + advice.reason.split(":")[0]
+	text = f"{report}\n--apply: {label}\n  {advice.reason}" + (f"\n  fix: {advice.fix}" if advice.fix else "")
+	return label, text
 
 
 def idle_backend_memory(dbs: set[str]) -> dict | None:
@@ -302,6 +310,7 @@ class Run:
 	def __init__(self, args) -> None:
 		self.args = args
 		self.rows: list[dict] = []
+		self.doctor_texts: dict[str, str] = {}  # cell -> doctor's report and --apply, first pooled row
 
 	def row(self, *, placement, workers, shape, traffic, pool, sites, calls, dbs, bouncer, **labels) -> dict:
 		args = self.args
@@ -318,6 +327,10 @@ class Run:
 			load(web, warm, clients)  # warm-up
 			predicted = doctor_servers(bouncer, self.quick, sites, pool, workers)
 			applied = doctor_apply(bouncer, self.quick, sites, workers) if pool == "on" else None
+			if applied:
+				label = f"{placement}, {workers}, {shape}, {traffic}"
+				self.doctor_texts.setdefault(label, applied[1])
+				applied = applied[0]
 			logins0 = logins(bouncer, dbs) if bouncer else None
 			sessions0 = backend_sessions(dbs)
 			cpu0 = worker_cpu(web)
@@ -534,6 +547,14 @@ class Run:
 			)
 		)
 		print((args.out / f"{args.name}.md").read_text())
+		if self.doctor_texts:  # not for --report-only: the reports are not in the JSON
+			(args.out / f"{args.name}-doctor.txt").write_text(
+				f"# bench pgpool doctor (checks and --apply) for each transaction-mode cell's bench, {data.get('provenance', '')}"
+				"\n# the row's pgBouncer settings (admin console) and PostgreSQL; this shape's gunicorn workers, no job "
+				"process; written by benchmarks/sites.py from the cell's first pooled row, before its measured pings\n\n"
+				+ "\n\n".join(f"## {cell}\n{text}" for cell, text in self.doctor_texts.items())
+				+ "\n"
+			)
 		try:
 			sys.path.insert(0, str(ROOT / "benchmarks"))
 			from plot import sites as draw
