@@ -153,6 +153,22 @@ def test_doctor_counts_the_server_an_ending_client_may_start_per_transaction_poo
 	assert "up to 4 backends" in unpooled["max_connections"].message, unpooled["max_connections"]
 
 
+def test_a_cap_of_one_server_per_pool_leaves_no_room_for_the_ending_clients_server(cluster):
+	"""300 sites under the peak rule, 4 sync web workers and 3 job processes: 7 transactions at once and up
+	to one server more per pool (an ending client's BEGIN) is 307, over PostgreSQL's 297; capped at 1
+	server per pool, the BEGIN waits for the pool's server instead: 7, and doctor says so."""
+	settings = dict(pool_mode="transaction", default_pool_size=20, max_client_conn=5000)
+	with PgBouncer(cluster, users=USERS, **settings) as bouncer:
+		over = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 300, clients="auto"), web=4, jobs=3)))
+	with PgBouncer(cluster, users=USERS, max_db_connections=1, **settings) as bouncer:
+		capped = by_check(examine(bouncer, bench_of(tx_sites(bouncer, 300, clients="auto"), web=4, jobs=3)))
+	finding = over["max_connections"]
+	assert finding.level == "error" and "up to 307 backends" in finding.message, finding
+	assert "cap each of the 300 transaction-mode pools at 1 server" in finding.fix
+	assert "at most 7 servers" in finding.fix and "no pgBouncer setting fits" not in finding.fix
+	assert capped["max_connections"].level == "ok" and "up to 7 backends" in capped["max_connections"].message
+
+
 def test_doctor_warns_when_sites_disagree_on_db_pool_process_clients(cluster):
 	"""db_pool_process_clients is process-wide but read from each request's site: one site setting it in
 	its own site_config.json makes every process switch the client budget on and off, closing its kept

@@ -141,6 +141,12 @@ class Bouncer:
 		busy = min(size, demand(bench, members, budget, active=True).total)
 		return max(busy, min(size, self.min_pool(db, user)))
 
+	def pool_cap(self, db: str, user: str) -> int:
+		"""Most servers one (database, user) pool can have: its size and reserve, its database's and its
+		user's caps (each as if the pool had it alone)."""
+		caps = [self.size(db, user) + self.reserve(db, user), self.max_db(db), self.max_user(user)]
+		return min(c for c in caps if c)
+
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
 		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
@@ -152,10 +158,11 @@ class Bouncer:
 		held = [k for k in per if k not in linger]
 		# The end of a kept client behind transaction mode (an eviction, an idle close) sends BEGIN, so that
 		# pgBouncer lends it the idle server its last return left and drops it with the client. Where that
-		# pool has no idle server at that instant (all busy), pgBouncer starts one for the BEGIN, which then
-		# stays idle until server_idle_timeout: one more than its transactions, per such pool.
+		# pool has no idle server at that instant (all busy), pgBouncer starts one for the BEGIN if its size
+		# and caps leave room, which then stays idle until server_idle_timeout: one more than its
+		# transactions, per such pool (none where a cap of 1 server makes the BEGIN wait instead).
 		strays = {
-			k: min(self.size(*k) + self.reserve(*k), per[k] + 1) - per[k]
+			k: int(self.pool_cap(*k) > min(per[k], self.pool_cap(*k)))
 			for k in held
 			if self.mode(*k) != "session" and any(s.pooled for s in pools[k])
 		}
