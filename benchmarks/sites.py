@@ -459,7 +459,9 @@ class Run:
 		self.provenance = provenance(postgres=upstream().connect, pgbouncer=pgbouncer, bench=BENCH)
 		print(self.provenance, flush=True)
 		shapes = {"own": own, "shared": shared, "single": own[:1]}
-		tx_keys = {k: None for k in transaction_mode_settings()}
+		# removed before each placement and at the end, whatever an earlier run or test left there (a
+		# db_pool_process_clients left in common_site_config.json would opt the default rows in)
+		tx_keys = {k: None for k in [*transaction_mode_settings(), "db_pool_process_clients"]}
 		try:
 			with configs_restored(self.all_sites):
 				for placement in args.placements:
