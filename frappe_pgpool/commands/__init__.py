@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -117,7 +118,7 @@ def doctor(
 		seen = (  # the bench as it runs (live processes) or is configured
 			max(live_web, int(conf.get("gunicorn_workers") or 0)) or (os.cpu_count() or 1) * 2 + 1,
 			int(conf.get("gunicorn_threads") or 1),
-			max(live_jobs, 2 * int(conf.get("background_workers") or 1) + 1),
+			max(live_jobs, _job_processes(conf)),
 		)
 		asked = (web_workers, threads, job_processes)
 		# asked about a larger bench, doctor counts it; a value written for the bench must fit the real one too
@@ -160,7 +161,7 @@ def doctor(
 			bench, bouncers, postgres.connect if postgres.dsn else None, overriding=own, known=findings
 		)
 		_apply_process_clients(sites_path, advice)
-		if not advice.decided and advice.fix:  # a decision asked for and not made: fails the command
+		if advice.applies and not advice.decided:  # a decision asked for and not made: fails the command
 			sys.exit(1)
 	sys.exit(1 if any(f.level == "error" for f in findings) else 0)
 
@@ -174,6 +175,9 @@ def _apply_process_clients(sites_path: str, advice) -> None:
 	path = os.path.abspath(os.path.join(sites_path, "common_site_config.json"))
 	current = _json_file(path).get(key)
 	was = "unset" if current is None else json.dumps(current)
+	if not advice.applies:
+		click.echo(f"apply: nothing to do: {advice.reason}")
+		return
 	if advice.value is not None:
 		click.echo(f"apply: {advice.reason}")
 		for finding in advice.accepted:
@@ -198,20 +202,42 @@ def _apply_process_clients(sites_path: str, advice) -> None:
 
 
 def _write_config(path: str, key: str, value: object) -> None:
-	"""Set (None: remove) one key of a JSON config file, under Frappe's lock for it, by an atomic rename:
-	a request reading the file meanwhile sees the old or the new one, never a half-written one."""
+	"""Set (None: remove) one key of a JSON config file, under Frappe's lock for it, by an atomic rename
+	(a request reading it meanwhile sees the old or the new file, never half of one) of a copy with the
+	file's owner and mode (it may hold passwords), flushed to disk first. A file that does not read as a
+	JSON object is left alone: raises."""
 	from frappe.utils.synchronization import filelock
 
 	with filelock("site_config", is_global=True):
-		data = _json_file(path)
+		with open(path) as f:
+			data = json.load(f)
+		if not isinstance(data, dict):
+			raise ValueError(f"{path} does not hold a JSON object")
 		if value is None:
 			data.pop(key, None)
 		else:
 			data[key] = value
+		mode = os.stat(path)
 		tmp = f"{path}.{os.getpid()}.tmp"
-		with open(tmp, "w") as f:
-			f.write(json.dumps(data, indent=1, sort_keys=True))
-		os.replace(tmp, path)
+		fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode.st_mode & 0o777)
+		try:
+			with os.fdopen(fd, "w") as f:
+				f.write(json.dumps(data, indent=1, sort_keys=True))
+				f.flush()
+				os.fsync(f.fileno())
+			os.chmod(tmp, mode.st_mode & 0o777)
+			if hasattr(os, "chown"):
+				os.chown(tmp, mode.st_uid, mode.st_gid)
+			os.replace(tmp, path)
+		except BaseException:
+			with contextlib.suppress(OSError):
+				os.unlink(tmp)
+			raise
+		directory = os.open(os.path.dirname(path), os.O_RDONLY)
+		try:
+			os.fsync(directory)
+		finally:
+			os.close(directory)
 
 
 def _site_config(sites_path: str, name: str) -> str:
@@ -225,6 +251,20 @@ def _json_file(path: str) -> dict:
 	except (OSError, ValueError):
 		return {}
 	return value if isinstance(value, dict) else {}
+
+
+def _job_processes(conf) -> int:
+	"""Job processes bench's supervisor and Procfile start: background_workers each for the short and the
+	long queues, one for each queue of `workers` (its own background_workers, else the bench's), and the
+	scheduler."""
+	each = int(conf.get("background_workers") or 1)
+	custom = conf.get("workers") or {}
+	extra = (
+		sum(int((w or {}).get("background_workers") or each) for w in custom.values())
+		if isinstance(custom, dict)
+		else 0
+	)
+	return 2 * each + extra + 1
 
 
 def _live_counts(reports: list[dict]) -> tuple[int, int]:

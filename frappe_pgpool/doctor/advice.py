@@ -38,6 +38,7 @@ class ClientsAdvice:
 	refused: tuple[Finding, ...] = ()
 	accepted: tuple[Finding, ...] = ()
 	decided: bool = True
+	applies: bool = True  # False: no site in transaction mode, nothing to decide
 
 
 def advise_process_clients(
@@ -59,6 +60,7 @@ def advise_process_clients(
 			"no pooled site is in pgBouncer transaction mode (db_pool_pgbouncer_mode): "
 			f"{PROCESS_CLIENTS_KEY} does not apply",
 			decided=False,
+			applies=False,
 		)
 	unseen = [s for s in tx if s.address not in (bouncers or {})]
 	if unseen:
@@ -81,7 +83,10 @@ def advise_process_clients(
 		)
 	floor = max(1, bench.threads)  # a process keeps its peak of checkouts anyway
 	if floor > PROCESS_BUDGET_MAX:
-		return _undecided(f"{bench.threads} threads per web worker: above {PROCESS_CLIENTS_KEY}'s range")
+		return _undecided(
+			f"{bench.threads} threads per web worker: above {PROCESS_CLIENTS_KEY}'s range",
+			f"run fewer threads per web worker (at most {PROCESS_BUDGET_MAX})",
+		)
 	# With the client budget off, every check must read what it needs and pass: an error then is not the
 	# value's doing, and whatever a later trial refuses is
 	baseline = examine(_with_clients(bench, "auto"), bouncers, postgres, timeout)

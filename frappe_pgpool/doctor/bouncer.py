@@ -143,38 +143,38 @@ class Bouncer:
 
 	def pool_cap(self, db: str, user: str) -> int:
 		"""Most servers one (database, user) pool can have: its size and reserve, its database's and its
-		user's caps (each as if the pool had it alone)."""
+		user's caps (each as if the pool had it alone); pgBouncer starts none beyond it."""
 		caps = [self.size(db, user) + self.reserve(db, user), self.max_db(db), self.max_user(user)]
-		return min(c for c in caps if c)
+		return min((c for c in caps if c), default=0)
 
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
 		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
 		pools of sites with a kept client each (client_budgeted) keep servers no client holds (see
-		pool_servers): the others' together are at most the clients the bench holds for them."""
+		pool_servers): the others' together are at most the clients the bench holds for them, and the
+		servers the ends of kept clients may start."""
 		pools = _group(sites, _pool_key)
 		per = {key: self.pool_servers(bench, members, *key, budget) for key, members in pools.items()}
 		linger = {k for k in per if self.mode(*k) != "session" and any(s.client_budgeted for s in pools[k])}
 		held = [k for k in per if k not in linger]
-		# The end of a kept client behind transaction mode (an eviction, an idle close) sends BEGIN, so that
-		# pgBouncer lends it the idle server its last return left and drops it with the client. Where that
-		# pool has no idle server at that instant (all busy), pgBouncer starts one for the BEGIN if its size
-		# and caps leave room, which then stays idle until server_idle_timeout: one more than its
-		# transactions, per such pool (none where a cap of 1 server makes the BEGIN wait instead).
-		strays = {
-			k: int(self.pool_cap(*k) > min(per[k], self.pool_cap(*k)))
-			for k in held
-			if self.mode(*k) != "session" and any(s.pooled for s in pools[k])
-		}
+		# The end of a kept client behind transaction mode (an eviction, an idle close) sends BEGIN and
+		# leaves, so that pgBouncer lends it the idle server its last return left and drops it. Where the
+		# pool has no idle server then, the BEGIN waits (pgBouncer does not see the client leave while it
+		# waits) and pgBouncer starts a server if the pool is below its cap, which the BEGIN then takes and
+		# drops: one server more than the pool's transactions, for about one login. A thread ends at most
+		# one kept client per checkout, so at once at most one such server per thread, one per pool.
+		ending = [k for k in held if self.mode(*k) != "session" and any(s.pooled for s in pools[k])]
+		most = {k: min(self.pool_cap(*k), per[k] + 1) if k in ending else per[k] for k in held}
+		threads = demand(bench, [s for k in ending for s in pools[k]], budget, active=True).total
 		total = min(
-			sum(per[k] + strays.get(k, 0) for k in held),
-			demand(bench, [s for k in held for s in pools[k]], budget).total + sum(strays.values()),
+			sum(most.values()),
+			demand(bench, [s for k in held for s in pools[k]], budget).total + min(len(ending), threads),
 		)
 		total += sum(per[k] for k in linger)
 		if capped:
 			for index, cap_of in ((0, self.max_db), (1, self.max_user)):
 				by_axis: dict[str, int] = {}
-				for key, n in per.items():
+				for key, n in {**per, **most}.items():
 					by_axis[key[index]] = by_axis.get(key[index], 0) + n
 				total = min(total, sum(min(n, cap_of(name) or n) for name, n in by_axis.items()))
 		return total

@@ -183,22 +183,6 @@ def _check_servers(
 	return checked, findings
 
 
-def _capped_at_one(
-	bench: Bench, bouncers: dict[str, Bouncer], of_site: dict[str, str], identity: str
-) -> int | None:
-	"""Servers the transaction-mode pools on this server would hold with each capped at 1, where none
-	of them keeps a client per site (the peak rule: only the transactions in flight); else None."""
-	held = 0
-	for addr, b in bouncers.items():
-		members = [s for s in bench.sites if of_site.get(s.name) == identity and s.address == addr]
-		tx = [s for key, m in _group(members, _pool_key).items() if b.mode(*key) != "session" for s in m]
-		if any(s.client_budgeted for s in tx):
-			return None
-		if tx:
-			held += min(len(_group(tx, _pool_key)), demand(bench, tx, active=True).total)
-	return held
-
-
 def _transaction_server_fixes(
 	bench: Bench,
 	bouncers: dict[str, Bouncer],
@@ -229,14 +213,6 @@ def _transaction_server_fixes(
 			f"and reserve_pool_size=0, or max_db_connections={each} (a database per site) or "
 			f"max_user_connections={each} (a user per site), so that {pools} x {each} = {pools * each} fit "
 			f"the {room} backends left; their busy sites' transactions queue in pgBouncer beyond it"
-		]
-	capped = _capped_at_one(bench, bouncers, of_site, identity)
-	if capped is not None and capped + (total - kept) <= server.limit:
-		return [
-			f"cap each of the {pools} transaction-mode pools at 1 server: max_db_connections=1 (a database per "
-			"site) or max_user_connections=1 (a user per site), or default_pool_size=1 and reserve_pool_size=0: "
-			f"they then hold at most {capped} servers (the transactions in flight: a kept client's end waits for "
-			"its pool's server instead of starting another), and a site's transactions take turns"
 		]
 	need = pools + (total - kept) + server.superuser_reserved + server.reserved
 	return [

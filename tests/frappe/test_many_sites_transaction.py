@@ -126,8 +126,10 @@ def test_doctor_apply_sets_the_client_budget_that_fits_and_removes_one_that_does
 			# only the fleet in transaction mode (its own site_config), the rest of the bench as it was
 			set_common_config(db_pool_pgbouncer_mode=None, db_pool_process_clients=None)
 			set_site_config(SITES, db_pool_pgbouncer_mode="transaction")
+			common_config_path().chmod(0o640)  # it may hold passwords: the rewrite keeps its mode
 			text, value, code = apply("--web-workers", "2", "--threads", "1", "--job-processes", "1")
 			assert value == len(SITES) and code == 0, text
+			assert common_config_path().stat().st_mode & 0o777 == 0o640
 			assert f"{KEY} set to {len(SITES)}" in text and "(was unset)" in text
 			# the clients it counted: --job-processes 1 asks about fewer job processes than the bench's
 			# background_workers 1 runs (2 x 1 + 1), and a value written must fit the real bench too
@@ -142,5 +144,6 @@ def test_doctor_apply_sets_the_client_budget_that_fits_and_removes_one_that_does
 			assert value == 6 and "apply: cannot tell" in text and code == 1, text
 			assert f"{SITE}" in text and "no pgBouncer admin console examined" in text
 		finally:
+			common_config_path().chmod(0o644)
 			set_site_config(SITES, db_pool_pgbouncer_mode=None)
 			set_common_config(db_pool_pgbouncer_mode="transaction", db_pool_process_clients=100)
