@@ -135,6 +135,7 @@ def test_by_default_doctor_counts_the_peak_rule_and_says_what_opting_in_costs(cl
 	offer = found["client budget"]
 	assert offer.level == "ok" and "under db_pool_process_budget" in offer.message
 	assert "up to 100 servers" in offer.message and "accepts 100 more backends" in offer.fix
+	assert "run doctor with --apply" in offer.fix
 	assert "server_idle_timeout" not in found  # no kept client per site: no idle servers of its own
 
 

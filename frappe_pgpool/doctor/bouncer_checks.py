@@ -272,9 +272,10 @@ def _clients_offer(bench: Bench, b: Bouncer, pools: list) -> list[Finding]:
 			"db_pool_process_clients set, a process keeps a client per site instead (README: 'Many sites "
 			"behind a transaction pooler'), and each site's pool keeps the servers it used idle until "
 			f"server_idle_timeout={idle:g}s: up to {most} servers with these pgBouncer settings",
-			f"to opt in, set db_pool_process_clients (e.g. 100) in common_site_config.json only if PostgreSQL "
-			f"accepts {most} more backends besides the rest; run doctor again: its max_connections check then "
-			"counts them",
+			"to opt in, run doctor with --apply: it sets db_pool_process_clients in common_site_config.json to "
+			"the largest value every check accepts, or leaves it off; or set it yourself (e.g. 100) only if "
+			f"PostgreSQL accepts {most} more backends besides the rest, and run doctor again: its "
+			"max_connections check then counts them",
 		)
 	]
 
