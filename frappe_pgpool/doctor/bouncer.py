@@ -147,6 +147,14 @@ class Bouncer:
 		caps = [self.size(db, user) + self.reserve(db, user), self.max_db(db), self.max_user(user)]
 		return min((c for c in caps if c), default=0)
 
+	def _with_ending(self, key: tuple[str, str], servers: int) -> int:
+		"""A transaction-mode pool's most servers with the one an ending client's BEGIN may have pgBouncer
+		start: only where all its servers can be busy (not where min_pool_size keeps more than its
+		transactions) and below its cap."""
+		if min(self.size(*key), self.min_pool(*key)) >= servers:
+			return servers
+		return min(self.pool_cap(*key), servers + 1)
+
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
 		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
@@ -163,14 +171,23 @@ class Bouncer:
 		# waits) and pgBouncer starts a server if the pool is below its cap, which the BEGIN then takes and
 		# drops: one server more than the pool's transactions, for about one login. A thread ends at most
 		# one kept client per checkout, so at once at most one such server per thread, one per pool.
-		ending = [k for k in held if self.mode(*k) != "session" and any(s.pooled for s in pools[k])]
-		most = {k: min(self.pool_cap(*k), per[k] + 1) if k in ending else per[k] for k in held}
+		# (not `capped`: what the pools would open for their transactions without the caps, and an ending
+		# client's server is never started beyond a cap: none counted)
+		ending = [
+			k for k in held if capped and self.mode(*k) != "session" and any(s.pooled for s in pools[k])
+		]
+		most = {k: self._with_ending(k, per[k]) if k in ending else per[k] for k in held}
 		threads = demand(bench, [s for k in ending for s in pools[k]], budget, active=True).total
 		total = min(
 			sum(most.values()),
 			demand(bench, [s for k in held for s in pools[k]], budget).total + min(len(ending), threads),
 		)
-		total += sum(per[k] for k in linger)
+		# a pool that keeps its clients' servers idle may get one more the same way, when all its kept ones
+		# are busy at an end: one per pool at most, one per thread at once
+		lingering = {k: self._with_ending(k, per[k]) if capped else per[k] for k in linger}
+		threads = demand(bench, [s for k in linger for s in pools[k]], budget, active=True).total
+		total += min(sum(lingering.values()), sum(per[k] for k in linger) + min(len(linger), threads))
+		most.update(lingering)
 		if capped:
 			for index, cap_of in ((0, self.max_db), (1, self.max_user)):
 				by_axis: dict[str, int] = {}
