@@ -101,6 +101,9 @@ def test_doctor_says_when_no_pgbouncer_setting_fits_one_server_per_site(cluster)
 	assert "no pgBouncer setting fits: 300 transaction-mode pools" in finding.fix
 	assert "raise max_connections to at least 303" in finding.fix
 	assert "cap each of" not in finding.fix
+	assert "lower pgBouncer's pool sizes" not in finding.fix  # after "no pgBouncer setting fits"
+	# names in natural order: the last of site01..site300 is site300, not site99
+	assert "site01.local, site02.local, ..., site300.local" in found["pool_mode"].message
 
 
 def test_session_mode_and_plain_sites_keep_todays_rule(cluster):

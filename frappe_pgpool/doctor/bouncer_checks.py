@@ -269,7 +269,7 @@ def _clients_offer(bench: Bench, b: Bouncer, pools: list) -> list[Finding]:
 			"client budget",
 			f"{_names(sites)}: pooled in transaction mode under db_pool_process_budget (a process keeps at most "
 			"plain Frappe's peak of connections; a site beyond them logs in per request). With "
-			"db_pool_process_clients set, a process keeps a client per site instead (README: 'Many sites "
+			"db_pool_process_clients set, a process keeps a client per site instead (docs/many-sites.md: 'Many sites "
 			"behind a transaction pooler'), and each site's pool keeps the servers it used idle until "
 			f"server_idle_timeout={idle:g}s: up to {most} servers with these pgBouncer settings",
 			"to opt in, run doctor with --apply: it sets db_pool_process_clients in common_site_config.json to "

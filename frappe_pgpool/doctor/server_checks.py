@@ -134,8 +134,10 @@ def _check_servers(
 				f"across all sites: up to {auto})"
 			)
 		if via_bouncer:
-			fixes += _transaction_server_fixes(bench, bouncers, of_site, identity, server, total)
-			fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
+			tx_fixes = _transaction_server_fixes(bench, bouncers, of_site, identity, server, total)
+			fixes += tx_fixes
+			if not any(f.startswith("no pgBouncer setting fits") for f in tx_fixes):
+				fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
 		if direct:
 			fixes.append("put pgBouncer in front of the sites (see pool_mode)")
 		fixes.append("run fewer workers or threads")
@@ -218,7 +220,7 @@ def _transaction_server_fixes(
 	return [
 		f"no pgBouncer setting fits: {pools} transaction-mode pools keep at least one server each while their "
 		f"sites are busy (idle ones until server_idle_timeout={max(idle):g}s), and PostgreSQL leaves them "
-		f"{room}: raise max_connections to at least {need} (an idle backend costs a few MiB: see README, "
-		"'Many sites on one bench'), or spread the sites over more PostgreSQL servers, or lower "
+		f"{room}: raise max_connections to at least {need} (an idle backend costs a few MiB: see "
+		"docs/many-sites.md, 'Many sites behind a transaction pooler'), or spread the sites over more PostgreSQL servers, or lower "
 		"server_idle_timeout so that quiet sites' servers go sooner (not a bound: busy sites keep theirs)"
 	]

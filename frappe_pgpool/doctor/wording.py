@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from .model import Bench, Demand, Finding, Site, demand
@@ -35,10 +36,15 @@ def _with_fewer_clients(bench: Bench, sites: Sequence[Site], cap: int) -> str:
 
 
 def _names(sites: Iterable[Site]) -> str:
-	names = sorted({s.name for s in sites})
+	names = sorted({s.name for s in sites}, key=_natural)
 	if len(names) <= 3:
 		return ", ".join(names)
 	return f"{len(names)} sites ({names[0]}, {names[1]}, ..., {names[-1]})"
+
+
+def _natural(name: str) -> list:
+	"""site9 before site10: digit runs compare as numbers."""
+	return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _plural(count: int, word: str) -> str:
