@@ -173,11 +173,9 @@ def engine_counters(site_names: set[str]) -> dict:
 	return {"hits": hits, "misses": misses, "evictions": evictions, "budgets": budgets}
 
 
-def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers: str) -> int | None:
-	"""The most servers `bench pgpool doctor` says the row's pgBouncer may open for its sites (its real
-	settings, read from the admin console; this shape's processes: gunicorn workers, no job process)."""
-	if bouncer is None:
-		return None
+def row_bench(bouncer, quick: list, members: list[str], pool: str, workers: str):
+	"""The row's bench as doctor sees it (its sites at the row's pgBouncer, as its processes apply the
+	transaction-mode keys; this shape's gunicorn workers, no job process), and its admin console."""
 	n_workers, threads, _ = WORKERS[workers]
 	at = doctor.address(bouncer.host, bouncer.port)
 	config = PoolConfig(enabled=pool == "on", **transaction_mode_config())
@@ -187,13 +185,22 @@ def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers:
 		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", clients)
 		for name in members
 	]
-	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
 
 	def admin():
 		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
 
+	return doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0), {at: admin}
+
+
+def doctor_servers(bouncer, quick: list, members: list[str], pool: str, workers: str) -> int | None:
+	"""The most servers `bench pgpool doctor` says the row's pgBouncer may open for its sites (its real
+	settings, read from the admin console; this shape's processes: gunicorn workers, no job process)."""
+	if bouncer is None:
+		return None
+	bench, bouncers = row_bench(bouncer, quick, members, pool, workers)
+	((at, admin),) = bouncers.items()
 	try:
-		return doctor.Bouncer.read(at, admin).opened(bench, sites)
+		return doctor.Bouncer.read(at, admin).opened(bench, bench.sites)
 	except psycopg2.Error:
 		return None
 
@@ -205,22 +212,9 @@ def doctor_apply(bouncer, quick: list, members: list[str], workers: str) -> tupl
 	report of the bench as the row runs it with what --apply says. None outside transaction mode."""
 	if bouncer is None or _TX_NOW.get("db_pool_pgbouncer_mode") != "transaction":
 		return None
-	n_workers, threads, _ = WORKERS[workers]
-	at = doctor.address(bouncer.host, bouncer.port)
-	config = PoolConfig(enabled=True, **transaction_mode_config())
-	by_name = {q.name: q for q in quick}
-	clients = _TX_NOW.get("db_pool_process_clients", "auto")  # as the row's processes apply it
-	sites = [
-		doctor.Site(name, by_name[name].db_name, by_name[name].user, config, at, None, "auto", clients)
-		for name in members
-	]
-	bench = doctor.Bench(tuple(sites), web=n_workers, threads=threads, jobs=0)
-
-	def admin():
-		return psycopg2.connect(bouncer.dsn(bouncer.admin_user, bouncer.admin_password, "pgbouncer"))
-
-	report = doctor.render(doctor.examine(bench, {at: admin}, upstream().connect))
-	advice = doctor.advise_process_clients(bench, {at: admin}, upstream().connect)
+	bench, bouncers = row_bench(bouncer, quick, members, "on", workers)
+	report = doctor.render(doctor.examine(bench, bouncers, upstream().connect))
+	advice = doctor.advise_process_clients(bench, bouncers, upstream().connect)
 	if advice.value is not None:
 		label = str(advice.value)
 	elif advice.decided:

@@ -150,16 +150,15 @@ def doctor(
 		click.echo(f"pgBouncer admin console: {admin.shown} (from {admin.source}), for the sites at {at}")
 		bouncers[at] = admin.connect
 	findings = [*admin.findings, *postgres.findings, *findings]
-	findings += checks.examine(bench, bouncers, postgres.connect if postgres.dsn else None)
+	read_postgres = postgres.connect if postgres.dsn else None
+	findings += checks.examine(bench, bouncers, read_postgres)
 	findings += checks.check_processes(reports)
 	click.echo(checks.render(findings))
 	if apply_clients:
 		from frappe_pgpool.pool.config import PROCESS_CLIENTS_KEY
 
 		own = [s.name for s in sites if PROCESS_CLIENTS_KEY in _json_file(_site_config(sites_path, s.name))]
-		advice = checks.advise_process_clients(
-			bench, bouncers, postgres.connect if postgres.dsn else None, overriding=own, known=findings
-		)
+		advice = checks.advise_process_clients(bench, bouncers, read_postgres, overriding=own, known=findings)
 		_apply_process_clients(sites_path, advice)
 		if advice.applies and not advice.decided:  # a decision asked for and not made: fails the command
 			sys.exit(1)

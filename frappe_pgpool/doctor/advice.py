@@ -4,9 +4,11 @@ pooled in pgBouncer transaction mode.
 Opting in keeps a pgBouncer client per site in every process, and about one idle PostgreSQL backend per
 site served lately in pgBouncer's pools: safe only where pgBouncer's settings bound those servers within
 PostgreSQL's max_connections, which a worker cannot read (it has no admin console). doctor can: so the
-value is the largest (every such site's client kept, halved while only a client cap refuses it) whose
-worst case every check accepts, checked by examine() on the bench as it would be with it; where none is,
-the key stays unset (plain Frappe's peak, the default). No I/O of its own: examine() reads.
+value is the largest (a client of every such site, or the most the client caps accept) whose worst case
+every check accepts, checked by examine() on the bench as it would be with it; where none is, the key
+goes (plain Frappe's peak, the default). Only where doctor can tell: every check passes with the key
+off and reads what it needs (pgBouncer's admin console, PostgreSQL's limits); else nothing changes. No
+I/O of its own: examine() reads.
 """
 
 from __future__ import annotations

@@ -155,6 +155,15 @@ class Bouncer:
 			return servers
 		return min(self.pool_cap(*key), servers + 1)
 
+	def _endings(
+		self, bench: Bench, pools: dict, per: dict, keys: list, budget: object
+	) -> tuple[dict[tuple[str, str], int], int]:
+		"""For the transaction-mode pools `keys`: each one's most servers with an ending client's
+		(_with_ending), and how many such servers there may be at once (one per pool, one per thread)."""
+		most = {k: self._with_ending(k, per[k]) for k in keys}
+		threads = demand(bench, [s for k in keys for s in pools[k]], budget, active=True).total
+		return most, min(len(keys), threads)
+
 	def opened(self, bench: Bench, sites: Sequence[Site], budget: object = None, capped: bool = True) -> int:
 		"""Most server connections this pgBouncer's pools may open for `sites`: per pool (pool_servers),
 		within max_db_connections and max_user_connections unless not `capped`. Only the transaction-mode
@@ -173,21 +182,17 @@ class Bouncer:
 		# one kept client per checkout, so at once at most one such server per thread, one per pool.
 		# (not `capped`: what the pools would open for their transactions without the caps, and an ending
 		# client's server is never started beyond a cap: none counted)
-		ending = [
-			k for k in held if capped and self.mode(*k) != "session" and any(s.pooled for s in pools[k])
-		]
-		most = {k: self._with_ending(k, per[k]) if k in ending else per[k] for k in held}
-		threads = demand(bench, [s for k in ending for s in pools[k]], budget, active=True).total
+		# A pool that keeps its clients' servers idle (linger) may get one more the same way, when all its
+		# kept ones are busy at an end.
+		ending = [k for k in held if self.mode(*k) != "session" and any(s.pooled for s in pools[k])]
+		most, extra = self._endings(bench, pools, per, ending if capped else [], budget)
 		total = min(
-			sum(most.values()),
-			demand(bench, [s for k in held for s in pools[k]], budget).total + min(len(ending), threads),
+			sum(most.get(k, per[k]) for k in held),
+			demand(bench, [s for k in held for s in pools[k]], budget).total + extra,
 		)
-		# a pool that keeps its clients' servers idle may get one more the same way, when all its kept ones
-		# are busy at an end: one per pool at most, one per thread at once
-		lingering = {k: self._with_ending(k, per[k]) if capped else per[k] for k in linger}
-		threads = demand(bench, [s for k in linger for s in pools[k]], budget, active=True).total
-		total += min(sum(lingering.values()), sum(per[k] for k in linger) + min(len(linger), threads))
-		most.update(lingering)
+		kept, extra = self._endings(bench, pools, per, list(linger) if capped else [], budget)
+		total += min(sum(kept.get(k, per[k]) for k in linger), sum(per[k] for k in linger) + extra)
+		most.update(kept)
 		if capped:
 			for index, cap_of in ((0, self.max_db), (1, self.max_user)):
 				by_axis: dict[str, int] = {}

@@ -134,10 +134,7 @@ def _check_servers(
 				f"across all sites: up to {auto})"
 			)
 		if via_bouncer:
-			tx_fixes = _transaction_server_fixes(bench, bouncers, of_site, identity, server, total)
-			fixes += tx_fixes
-			if not any(f.startswith("no pgBouncer setting fits") for f in tx_fixes):
-				fixes.append("lower pgBouncer's pool sizes (or set max_db_connections) so that they fit")
+			fixes += _bouncer_server_fixes(bench, bouncers, of_site, identity, server, total)
 		if direct:
 			fixes.append("put pgBouncer in front of the sites (see pool_mode)")
 		fixes.append("run fewer workers or threads")
@@ -185,7 +182,10 @@ def _check_servers(
 	return checked, findings
 
 
-def _transaction_server_fixes(
+_LOWER_POOLS = "lower pgBouncer's pool sizes (or set max_db_connections) so that they fit"
+
+
+def _bouncer_server_fixes(
 	bench: Bench,
 	bouncers: dict[str, Bouncer],
 	of_site: dict[str, str],
@@ -193,8 +193,9 @@ def _transaction_server_fixes(
 	server: Server,
 	total: int,
 ) -> list[str]:
-	"""What to set so that the transaction-mode pools' servers fit the server: a per-pool cap, or, when
-	not even one server per pool fits, that no pgBouncer setting does."""
+	"""What to set in pgBouncer so that its pools' servers fit the server: a per-pool cap for the
+	transaction-mode pools, then smaller pools; or, when not even one server per transaction-mode pool
+	fits, that no pgBouncer setting does (and nothing else)."""
 	pools = 0
 	kept = 0
 	idle = []
@@ -206,7 +207,7 @@ def _transaction_server_fixes(
 			kept += b.opened(bench, [s for m in tx.values() for s in m])
 			idle.append(_number(b.settings.get("server_idle_timeout", 600)))
 	if not pools:
-		return []
+		return [_LOWER_POOLS]
 	room = server.limit - (total - kept)  # what the rest of the bench leaves for these pools
 	each = room // pools
 	if each >= 1:
@@ -214,7 +215,8 @@ def _transaction_server_fixes(
 			f"cap each of the {pools} transaction-mode pools at {each} servers: default_pool_size={each} "
 			f"and reserve_pool_size=0, or max_db_connections={each} (a database per site) or "
 			f"max_user_connections={each} (a user per site), so that {pools} x {each} = {pools * each} fit "
-			f"the {room} backends left; their busy sites' transactions queue in pgBouncer beyond it"
+			f"the {room} backends left; their busy sites' transactions queue in pgBouncer beyond it",
+			_LOWER_POOLS,
 		]
 	need = pools + (total - kept) + server.superuser_reserved + server.reserved
 	return [
