@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -127,6 +127,19 @@ def wait_for(predicate, what: str | Callable[[], str] = "the awaited state", wit
 			detail = what() if callable(what) else what
 			raise AssertionError(f"still not reached after {within:.0f} s: {detail}")
 		time.sleep(0.005)
+
+
+def wait_servers_gone(cluster: PostgresCluster, bouncer: PgBouncer, pids: Iterable[int]) -> None:
+	"""Until these backends have exited and pgBouncer has dropped their servers (in session mode with the
+	clients they were linked to, in the same step): what a pool's next checkout can see. PostgreSQL
+	dropping a backend from pg_stat_activity does not mean pgBouncer has read its end yet."""
+	pids = set(pids)
+
+	def gone() -> bool:
+		servers = {int(s["remote_pid"]) for s in bouncer.admin("SHOW SERVERS") if s.get("remote_pid")}
+		return not pids & ({b["pid"] for b in cluster.backends()} | servers)
+
+	wait_for(gone, lambda: f"backends {sorted(pids)} still there: {cluster.backends()}")
 
 
 REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"

@@ -14,7 +14,7 @@ from frappe_pgpool.pool import PoolConfig
 from frappe_pgpool.testing.cluster import PgBouncer
 from frappe_pgpool.testing.proxy import StallingProxy
 
-from .conftest import USERS, completes, frappe_like_factory, key_for, scalar, wait_for
+from .conftest import USERS, completes, frappe_like_factory, key_for, scalar, wait_for, wait_servers_gone
 
 
 class Load:
@@ -128,13 +128,15 @@ def test_no_request_fails_once_the_server_is_back(cluster, registry, fault, caps
 		started = time.monotonic()
 		if fault.startswith("pgbouncer"):
 			sig = signal.SIGINT if "SIGINT" in fault else signal.SIGTERM
-			bouncer.stop(sig, timeout=10)
+			bouncer.stop(sig, timeout=60)  # a hang bound: the drain waits for the clients' max_lifetime
 			stopped_by_itself = bouncer.proc.returncode != -signal.SIGKILL
 			bouncer.start()
 		elif fault == "postgres restart":
 			cluster.restart()
 		elif fault == "terminate backends":
-			cluster.terminate_backends(usename="app1")
+			# "after" starts once every terminated backend is gone from PostgreSQL and pgBouncer: a server
+			# still ending would otherwise fail a request counted after the fault
+			wait_servers_gone(cluster, bouncer, cluster.terminate_backends(usename="app1"))
 		else:
 			bouncer.admin("KILL app1")
 			bouncer.admin("RESUME app1")

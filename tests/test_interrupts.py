@@ -228,27 +228,42 @@ def test_an_interruption_during_the_reset_frees_the_slot(cluster, bouncer, exc):
 	"""putconn's reset is a round trip; an exception raised into it must reach the caller (RQ's job
 	timeout is an Exception: swallowed as a failed reset, the job would overrun its timeout), and must
 	not keep the slot reserved, nor put a half-reset session back."""
+	# the reset waits for a lock this test holds until the interruption is sent: the watcher sees the
+	# reset running however slowly it is scheduled (a timed sleep could end before it looked)
+	lock = 4242
 	pool = ConnectionPool(
-		"site reset.local", PoolConfig(size=1, timeout=0.5, reset_query="SELECT pg_sleep(1)")
+		"site reset.local",
+		PoolConfig(size=1, timeout=0.5, reset_query=f"SELECT pg_advisory_lock({lock})"),
 	)
 	connect = frappe_like_factory(bouncer)
 	conn = pool.getconn(connect)
 	pid = backend_pid(conn)
 	admin = cluster.connect()
-	admin.autocommit = True
+	holder = cluster.connect("app1")  # advisory locks are per database
+	with holder.cursor() as cur:
+		cur.execute("SELECT pg_advisory_lock(%s)", (lock,))
 
-	def resetting() -> bool:  # the return's reset query is running on the server
+	def resetting() -> bool:  # the return's reset query is running on the server, waiting for the lock
 		with admin.cursor() as cur:
 			cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
 			row = cur.fetchone()
-			return row is not None and row[0] == "PgSleep"
+			return row is not None and row[0] == "advisory"
+
+	def release_once_sent() -> None:  # the signal is taken when the blocked call returns: let it return
+		interrupt.sent.wait(HANG)
+		with holder.cursor() as cur:
+			cur.execute("SELECT pg_advisory_unlock(%s)", (lock,))
 
 	try:
 		with alarm(None, exc, when=resetting) as interrupt, pytest.raises(exc):
+			releaser = threading.Thread(target=release_once_sent, daemon=True)
+			releaser.start()
 			pool.putconn(conn)
+		releaser.join(HANG)
 		assert interrupt.sent.is_set()  # raised by the interruption sent during the reset
 	finally:
 		admin.close()
+		holder.close()
 	assert conn.closed  # its session state is unknown: never reused
 	assert accounting(pool) == (0, 0, 0, 0, 0)
 	assert pool.snapshot()["closed"] == {"reset_failed": 1}

@@ -198,13 +198,14 @@ class PostgresCluster:
 		)
 		return [r for r in rows if dbname is None or r["datname"] == dbname]
 
-	def terminate_backends(self, usename: str | None = None, dbname: str | None = None) -> int:
+	def terminate_backends(self, usename: str | None = None, dbname: str | None = None) -> list[int]:
+		"""Signal the backends to end; their pids. They exit in their own time, after this returns."""
 		rows = self.execute(
-			"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+			"SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'client backend' "
 			"AND pid <> pg_backend_pid() AND (%s IS NULL OR usename = %s) AND (%s IS NULL OR datname = %s)",
 			(usename, usename, dbname, dbname),
 		)
-		return len(rows)
+		return [r["pid"] for r in rows]
 
 	def __enter__(self) -> PostgresCluster:
 		return self.start()

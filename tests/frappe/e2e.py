@@ -26,6 +26,18 @@ from frappe_pgpool.testing.cluster import PgBouncer, free_port
 from .bench import BENCH
 
 
+def wait_for(predicate, what: str, limit: float = 120):
+	"""Poll until predicate() is truthy, and return it (a harness guard against a hang, not an assertion
+	on time): for a state another process reaches in its own time."""
+	deadline = time.monotonic() + limit
+	while time.monotonic() < deadline:
+		value = predicate()
+		if value:
+			return value
+		time.sleep(0.1)
+	raise AssertionError(f"never happened: {what}")
+
+
 def site_config_path(site: str) -> Path:
 	return Path(BENCH, "sites", site, "site_config.json")
 
@@ -175,6 +187,24 @@ class Gunicorn:
 				return resp.status, json.loads(resp.read() or b"{}")
 		except urllib.error.HTTPError as e:
 			return e.code, json.loads(e.read() or b"{}")
+
+	def each_worker(self, sites: str | list[str], token: str, within: float = 120) -> dict[int, dict]:
+		"""frappe_pgpool's status from every worker process, as each reports itself, asked for the sites in
+		turn. The kernel decides which worker accepts a request, so the requests go on until every worker
+		has answered (one at a time: no more concurrency inside a process than the test's own); `within`
+		seconds is a hang detector, not a bound on time."""
+		sites = [sites] if isinstance(sites, str) else sites
+		pids = self.worker_pids()
+		seen: dict[int, dict] = {}
+		deadline = time.monotonic() + within
+		i = 0
+		while not pids <= set(seen):
+			assert time.monotonic() < deadline, f"status reached {sorted(seen)} of workers {sorted(pids)}"
+			code, body = self.request("/api/method/frappe_pgpool.api.status", sites[i % len(sites)], token)
+			assert code == 200, body
+			seen[body["message"]["process_id"]] = body["message"]
+			i += 1
+		return seen
 
 	def hammer(self, calls: list[tuple], concurrency: int) -> list[tuple[int, dict]]:
 		"""Run (path, site, token[, data]) calls with `concurrency` clients; results in call order."""

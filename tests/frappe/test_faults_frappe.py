@@ -29,17 +29,9 @@ NO_FAULT = os.environ.get("PGPOOL_FAULTS_NO_FAULT") == "1"
 FAULT_REASONS = ("dead", "broken")
 
 
-def each_worker_status(web: Gunicorn, token: str, tries: int = 60) -> dict[int, dict]:
+def each_worker_status(web: Gunicorn, token: str) -> dict[int, dict]:
 	"""This site's pool as each worker process reports it (requests land where they land)."""
-	seen: dict[int, dict] = {}
-	pids = web.worker_pids()
-	for _ in range(tries):
-		code, body = web.request("/api/method/frappe_pgpool.api.status", SITE, token)
-		assert code == 200, body
-		seen[body["message"]["process_id"]] = body["message"]
-		if pids <= set(seen):
-			return seen
-	raise AssertionError(f"status reached {sorted(seen)} of workers {sorted(pids)}")
+	return web.each_worker(SITE, token)
 
 
 def closed_by_faults(status: dict) -> int:

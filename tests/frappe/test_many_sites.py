@@ -71,17 +71,9 @@ def status(web: Gunicorn, site: str, token: str) -> dict:
 	return body["message"]
 
 
-def each_worker_status(web: Gunicorn, sites: list[str], token: str, tries: int = 60) -> dict[int, dict]:
+def each_worker_status(web: Gunicorn, sites: list[str], token: str) -> dict[int, dict]:
 	"""The status of every worker process, as each reports itself (requests land where they land)."""
-	seen: dict[int, dict] = {}
-	pids = web.worker_pids()
-	for i in range(tries):
-		s = status(web, sites[i % len(sites)], token)
-		seen[s["process_id"]] = s
-		if pids <= set(seen):
-			break
-	assert pids <= set(seen), f"status reached {sorted(seen)} of workers {sorted(pids)}"
-	return seen
+	return web.each_worker(sites, token)
 
 
 def test_quick_sites_are_separate_sites_and_shared_ones_share_a_database(fleet):

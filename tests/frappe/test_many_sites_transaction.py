@@ -67,23 +67,28 @@ def test_sync_workers_keep_a_client_per_site_and_stay_within_doctors_servers(fle
 		# warm-up: every site, in turn, several times per worker (requests land where they land)
 		warm = web.hammer([("/api/method/ping", SITES[i % len(SITES)]) for i in range(8 * WORKERS * 10)], 2)
 		pids = web.worker_pids()
+		# the (worker, site) pairs that kept a client: the kernel picks the worker, so a pair the warm-up
+		# never reached may still log in once below, and only such a pair
+		kept = sum(1 for c in bouncer.admin("SHOW CLIENTS") if c["database"] in dbs)
 		sampler = Sampler(dbs, bouncer, interval=0.1, sockets=(lambda: pids, bouncer.port))
 		before = logins(bouncer, dbs)
 		sampler.start()
 		started = time.time()
 		results = web.hammer([("/api/method/ping", SITES[i % len(SITES)]) for i in range(300)], 2)
 		ended = time.time()
-		samples = sampler.stop()
+		sampler.stop()
 		after = logins(bouncer, dbs)
 	assert {code for code, _ in warm + results} == {200}
 	clients, servers = timeline_peaks(connection_timeline(bouncer, dbs), started, ended)
-	backends = max(s["backends"] for s in samples)
+	backends = sampler.peak("backends")  # fails on a lost sample: a silent zero would pass the bound
 	print(
 		f"\nsync x{WORKERS}, transaction mode, 300 pings round robin over {len(SITES)} sites: "
-		f"{after - before} logins, clients {clients}, servers {servers}, backends {backends} (sampled)"
+		f"{after - before} logins, clients {clients}, servers {servers}, backends {backends} (sampled), "
+		f"{kept} clients kept after the warm-up"
 	)
 	# a client per site and worker, kept: no login after the warm-up (the peak rule logs in per request)
-	assert after == before
+	assert kept >= len(SITES)  # the warm-up reached every site
+	assert after - before <= WORKERS * len(SITES) - kept
 	assert clients <= WORKERS * len(SITES)
 	# what doctor predicts from pgBouncer's settings for this bench, and the real peak within it
 	monkeypatch.setenv(

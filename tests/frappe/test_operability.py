@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from .bench import SITE, bench_cli, requires_bench, run_in_bench
-from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer
+from .e2e import Gunicorn, read_site_config, sites_behind_pgbouncer, wait_for
 from .test_e2e import TOKEN_SCRIPT
 
 pytestmark = [pytest.mark.frappe, requires_bench]
@@ -34,12 +33,20 @@ def get(web: Gunicorn, path: str, token: str | None) -> tuple[int, str, str]:
 		return e.code, e.headers.get("Content-Type", ""), e.read().decode()
 
 
+def published_pids() -> set[int]:
+	"""The processes whose reports `bench pgpool status` reads (each worker's reaper publishes every 5 s)."""
+	result = bench("pgpool", "status", "--json")
+	assert result.returncode == 0, result.stderr[-2000:]
+	return {r["pid"] for r in json.loads(result.stdout)}
+
+
 @pytest.fixture(scope="module")
 def served():
 	token = run_in_bench(TOKEN_SCRIPT, site=SITE)[0]
 	with sites_behind_pgbouncer([SITE]) as (bouncer, upstream), Gunicorn(workers=2) as web:
 		web.hammer([("/api/method/ping", SITE, None)] * 200, concurrency=4)
-		time.sleep(7)  # each worker's reaper publishes every 5 s
+		web.each_worker(SITE, token)  # every worker has served (the kernel picks who accepts)
+		wait_for(lambda: web.worker_pids() <= published_pids(), "every worker's report published")
 		yield {"bouncer": bouncer, "upstream": upstream, "web": web, "token": token}
 
 
@@ -80,6 +87,7 @@ def test_metrics_endpoint_is_for_system_managers_only(served):
 def test_application_name_names_site_and_process(served):
 	web, upstream, bouncer = served["web"], served["upstream"], served["bouncer"]
 	db = read_site_config(SITE)["db_name"]
+	web.each_worker(SITE, served["token"])  # each worker holds its kept connection now (not idled out)
 	names = {
 		row[0]
 		for row in upstream.query(

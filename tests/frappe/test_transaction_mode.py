@@ -54,7 +54,8 @@ def test_pool_on_logs_in_once_per_worker_and_starts_no_backend_per_request(env):
 		for label, enabled in (("off", 0), ("on", 1)):
 			write_site_config(SITE, {**config, "db_pool_enabled": enabled})
 			with Gunicorn(workers=2) as web:
-				web.hammer([("/api/method/ping", SITE, None)] * 10, concurrency=2)  # warm up both workers
+				web.hammer([("/api/method/ping", SITE, None)] * 10, concurrency=2)
+				web.each_worker(SITE, token)  # warm: every worker has served (the kernel picks who accepts)
 				logins, backends = bouncer.logins(db), sessions(upstream, db)
 				codes = run(web, token)
 				figures[label] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from .bench import BENCH, SITE, bench_cli, requires_bench, run_in_bench
-from .e2e import read_site_config, sites_behind_pgbouncer
+from .e2e import read_site_config, sites_behind_pgbouncer, wait_for
 
 pytestmark = [pytest.mark.frappe, requires_bench]
 SITE2 = os.environ.get("FRAPPE_SITE2", "")
@@ -132,17 +132,6 @@ def running_worker(*args: str, command: tuple[str, ...] = ("pgpool", "worker")):
 		with contextlib.suppress(ProcessLookupError):
 			os.killpg(proc.pid, signal.SIGKILL)  # the worker and any work-horse it left
 		proc.wait()
-
-
-def wait_for(predicate, what: str, limit: float = 120):
-	"""Poll until predicate() is truthy (a harness guard against a hang, not an assertion on time)."""
-	deadline = time.monotonic() + limit
-	while time.monotonic() < deadline:
-		value = predicate()
-		if value:
-			return value
-		time.sleep(0.1)
-	raise AssertionError(f"never happened: {what}")
 
 
 def sessions(upstream, site: str) -> list[tuple]:
@@ -289,11 +278,12 @@ def test_a_job_timed_out_in_a_query_is_stopped_and_its_connection_is_not_reused(
 
 
 def test_a_job_timed_out_in_python_is_stopped_and_its_transaction_rolled_back(env):
-	"""A job holding an uncommitted insert, still in Python at its 2 s timeout: it fails with the timeout,
-	its row is not committed, the next job runs on a new connection."""
+	"""A job holding an uncommitted insert, still in Python at its 10 s timeout: it fails with the timeout,
+	its row is not committed, the next job runs on a new connection. (10 s, not less: the job's insert,
+	the first in this process, must be done before the timeout for the job to reach its marker.)"""
 	tag = f"timeout-{uuid.uuid4().hex[:8]}"
 	results, _, stuck, left = _job_after_an_interruption(
-		env, "sleep_in_python", {"seconds": 600, "tag": tag}, 2
+		env, "sleep_in_python", {"seconds": 600, "tag": tag}, 10
 	)
 	first, timed_out, after = results
 	assert [first["status"], timed_out["status"], after["status"]] == ["finished", "failed", "finished"]
@@ -579,7 +569,9 @@ def test_a_second_sigterm_stops_a_job_blocked_in_a_query(env):
 			"the job's query runs",
 		)
 		proc.send_signal(signal.SIGTERM)
-		time.sleep(1.2)  # rq takes a second signal within 1 s of the first for a duplicate
+		# rq takes a second signal read within 1 s of the first for a duplicate, timed when it reads them:
+		# only the lower bound matters, so well above it (a hang detector sits at communicate's 120 s)
+		time.sleep(3)
 		proc.send_signal(signal.SIGTERM)
 		output, _ = proc.communicate(timeout=120)
 	os.unlink(marker)
