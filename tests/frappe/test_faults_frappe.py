@@ -29,11 +29,6 @@ NO_FAULT = os.environ.get("PGPOOL_FAULTS_NO_FAULT") == "1"
 FAULT_REASONS = ("dead", "broken")
 
 
-def each_worker_status(web: Gunicorn, token: str) -> dict[int, dict]:
-	"""This site's pool as each worker process reports it (requests land where they land)."""
-	return web.each_worker(SITE, token)
-
-
 def closed_by_faults(status: dict) -> int:
 	return sum(pool["closed"].get(r, 0) for pool in status["pools"] for r in FAULT_REASONS)
 
@@ -53,7 +48,7 @@ def test_no_request_fails_after_the_fault(env, fault):
 	with Gunicorn(workers=2) as web:
 		warm = web.hammer([("/api/method/ping", SITE, None)] * 50, concurrency=4)
 		assert {code for code, _ in warm} == {200}
-		before = each_worker_status(web, token)
+		before = web.each_worker(SITE, token)
 		# each worker holds a pooled connection: pgBouncer lists it as a client of the site's database
 		pooled = {(c["addr"], c["port"]) for c in bouncer.clients() if c["database"] == db}
 		assert len(pooled) >= len(before), pooled
@@ -91,7 +86,7 @@ def test_no_request_fails_after_the_fault(env, fault):
 			"pgBouncer dropping the pooled clients",
 		)
 		results = web.hammer([("/api/resource/ToDo", SITE, token)] * 200, concurrency=4)
-		after = each_worker_status(web, token)
+		after = web.each_worker(SITE, token)
 	codes = [c for c, _ in results]
 	print(
 		f"\n{fault}: 200 requests after the fault -> {codes.count(200)} ok; closed by the workers' pools "

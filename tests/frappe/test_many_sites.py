@@ -71,11 +71,6 @@ def status(web: Gunicorn, site: str, token: str) -> dict:
 	return body["message"]
 
 
-def each_worker_status(web: Gunicorn, sites: list[str], token: str) -> dict[int, dict]:
-	"""The status of every worker process, as each reports itself (requests land where they land)."""
-	return web.each_worker(sites, token)
-
-
 def test_quick_sites_are_separate_sites_and_shared_ones_share_a_database(fleet):
 	sites = fleet["sites"]
 	assert len({sites[s].db_name for s in OWN}) == len(OWN)
@@ -235,7 +230,7 @@ def test_gthread_workers_over_many_sites_keep_at_most_their_peak(fleet):
 		results = web.hammer(calls, concurrency=8)
 		ended = time.time()
 		samples = sampler.stop()
-		statuses = each_worker_status(web, ALL, token)
+		statuses = web.each_worker(ALL, token)
 	assert {code for code, _ in results} == {200}, collections.Counter(code for code, _ in results)
 	# every status answer came from a connection opened for its own site, though the two share a database:
 	# a kept one is named for its site and worker; one opened while keeping does not pay carries no name
@@ -280,7 +275,7 @@ def test_sync_workers_over_many_sites_hold_one_connection_each_without_pgbouncer
 			sampler.start()
 			results = web.hammer([("/api/method/ping", ALL[i % len(ALL)]) for i in range(400)], concurrency=2)
 			samples = sampler.stop()
-			statuses = each_worker_status(web, ALL, token)
+			statuses = web.each_worker(ALL, token)
 			after = tcp_connections(pids, pg.port)  # what each worker holds after the run
 	finally:
 		point_at(ALL, fleet["bouncer"].host, fleet["bouncer"].port)
@@ -352,7 +347,7 @@ def test_numeric_budget_bounds_each_worker(fleet):
 			results = web.hammer([("/api/method/ping", ALL[i % len(ALL)]) for i in range(400)], concurrency=8)
 			ended = time.time()
 			sampler.stop()
-			statuses = each_worker_status(web, ALL, token)
+			statuses = web.each_worker(ALL, token)
 	finally:
 		set_common_config(db_pool_process_budget=None)
 	assert {code for code, _ in results} == {200}
