@@ -136,10 +136,14 @@ def wait_servers_gone(cluster: PostgresCluster, bouncer: PgBouncer, pids: Iterab
 	pids = set(pids)
 
 	def gone() -> bool:
-		servers = {int(s["remote_pid"]) for s in bouncer.admin("SHOW SERVERS") if s.get("remote_pid")}
+		# remote_pid is 0 only for a server still logging in (a missing column fails here, loudly)
+		servers = {int(s["remote_pid"]) for s in bouncer.admin("SHOW SERVERS")}
 		return not pids & ({b["pid"] for b in cluster.backends()} | servers)
 
-	wait_for(gone, lambda: f"backends {sorted(pids)} still there: {cluster.backends()}")
+	wait_for(
+		gone,
+		lambda: f"backends {sorted(pids)} still there: {cluster.backends()}, {bouncer.admin('SHOW SERVERS')}",
+	)
 
 
 REQUIRE_FRAPPE = os.environ.get("PGPOOL_REQUIRE_FRAPPE") == "1"

@@ -58,8 +58,8 @@ class alarm:
 		deadline = time.monotonic() + 60  # a hang detector
 		while not self._stop.is_set() and time.monotonic() < deadline:
 			if self.when():
-				self.sent.set()
 				signal.pthread_kill(main, signal.SIGALRM)
+				self.sent.set()  # after the signal: whoever waits for it may let the interrupted call return
 				return
 			time.sleep(0.005)
 
