@@ -386,6 +386,17 @@ def render(data: dict) -> str:
 		"it (blocked in a query); the backend then goes on sleeping, its client gone (the benchmark "
 		"terminates it afterwards). The no-fork worker cancels the query.",
 		"",
+	]
+	if not data["rss"]:
+		lines += [
+			"## Memory",
+			"",
+			"Not measured in this run (`--rss-jobs 0`): one no-fork worker over 10,000 jobs, on 4b3b691, is in "
+			"`jobs-4b3b691.md`.",
+			"",
+		]
+		return "\n".join(lines)
+	lines += [
 		f"## Memory: one no-fork worker, {data['args']['rss_jobs']} jobs over the same sites",
 		"",
 		"| row | RSS MB after job 1 | after each 1000th | max | finished |",
