@@ -116,6 +116,10 @@ def sites_behind_pgbouncer(
 		bouncer.kill()
 
 
+class PortTaken(Exception):
+	"""gunicorn could not bind its port: another process listens there."""
+
+
 class Gunicorn:
 	def __init__(
 		self, workers: int = 2, threads: int = 1, preload: bool = True, python: str | None = None
@@ -127,6 +131,18 @@ class Gunicorn:
 		self.proc: subprocess.Popen | None = None
 
 	def __enter__(self) -> Gunicorn:
+		# free_port() gives the port back before gunicorn binds it, seconds later (after --preload's
+		# import): another listener of a concurrent run may take it. Then gunicorn says so and exits,
+		# and it is started again on another port; any other exit is an error
+		for _ in range(3):
+			try:
+				return self._start()
+			except PortTaken:
+				self.port = free_port()
+				self.log = Path(BENCH, "logs", f"pgpool-e2e-gunicorn-{self.port}.log")
+		return self._start()
+
+	def _start(self) -> Gunicorn:
 		args = [
 			*(
 				[self.python, "-m", "gunicorn"]
@@ -146,7 +162,10 @@ class Gunicorn:
 		deadline = time.monotonic() + 60
 		while time.monotonic() < deadline:
 			if self.proc.poll() is not None:
-				raise RuntimeError(f"gunicorn exited:\n{self.log.read_text()[-3000:]}")
+				text = self.log.read_text()
+				if "Connection in use" in text:
+					raise PortTaken(self.port)
+				raise RuntimeError(f"gunicorn exited:\n{text[-3000:]}")
 			with socket.socket() as s:
 				if s.connect_ex(("127.0.0.1", self.port)) == 0 and len(self.worker_pids()) >= self.workers:
 					return self
