@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import psycopg2
 import psycopg2.extensions as ext
 import pytest
 
 from frappe_pgpool.pool import PoolConfig, PoolKey, PoolRegistry
-from frappe_pgpool.testing.cluster import PgBouncer, PostgresCluster
+from frappe_pgpool.testing.cluster import HANG, PgBouncer, PostgresCluster, wait_for
 
 from .frappe.bench import bench_problem
 
@@ -85,9 +84,6 @@ def scalar(conn: ext.connection, sql: str, args=None):
 		return cur.fetchone()[0]
 
 
-HANG = 60.0  # seconds: how long an operation may stay blocked before a test calls it a hang
-
-
 def completes(fn, within: float = HANG):
 	"""Run fn() in a thread; return its result or raise its exception.
 
@@ -112,21 +108,6 @@ def completes(fn, within: float = HANG):
 	if not ok:
 		raise value
 	return value
-
-
-def wait_for(predicate, what: str | Callable[[], str] = "the awaited state", within: float = HANG) -> None:
-	"""Poll until predicate() holds: a HANG detector at `within` seconds, never a speed bound.
-
-	For a state another thread, process, pgBouncer or PostgreSQL reaches in its own time (a slot freed, a
-	server dropped, a waiter queued): wait for the state itself, not for a sleep guessed to be long enough.
-	`what` names it in the failure (a callable is called then, e.g. to show pgBouncer's view).
-	"""
-	deadline = time.monotonic() + within
-	while not predicate():
-		if time.monotonic() > deadline:
-			detail = what() if callable(what) else what
-			raise AssertionError(f"still not reached after {within:.0f} s: {detail}")
-		time.sleep(0.005)
 
 
 def wait_servers_gone(cluster: PostgresCluster, bouncer: PgBouncer, pids: Iterable[int]) -> None:

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -84,6 +85,29 @@ def _tail(path: Path, lines: int = 30) -> str:
 		return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 	except OSError:
 		return "(no log)"
+
+
+HANG = 60.0  # seconds: how long an operation may stay blocked before a test calls it a hang
+
+
+def wait_for(
+	predicate: Callable[[], object],
+	what: str | Callable[[], str] = "the awaited state",
+	within: float = HANG,
+	every: float = 0.005,
+) -> None:
+	"""Poll until predicate() holds: a hang detector at `within` seconds, never a speed bound.
+
+	For a state another thread, process, pgBouncer or PostgreSQL reaches in its own time (a slot freed, a
+	server dropped, a waiter queued): wait for the state itself, not for a sleep guessed to be long enough.
+	`what` names it in the failure (a callable is called then, e.g. to show pgBouncer's view).
+	"""
+	deadline = time.monotonic() + within
+	while not predicate():
+		if time.monotonic() > deadline:
+			detail = what() if callable(what) else what
+			raise AssertionError(f"still not reached after {within:.0f} s: {detail}")
+		time.sleep(every)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen | None, log: Path, what: str) -> None:

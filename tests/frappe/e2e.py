@@ -8,6 +8,7 @@ PGPOOL_E2E_PG_SUPERUSER (default postgres) must be able to read pg_authid on tha
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -21,21 +22,13 @@ from pathlib import Path
 
 import psycopg2
 
+from frappe_pgpool.testing import cluster
 from frappe_pgpool.testing.cluster import PgBouncer, free_port
 
 from .bench import BENCH
 
-
-def wait_for(predicate, what: str, limit: float = 120):
-	"""Poll until predicate() is truthy, and return it (a harness guard against a hang, not an assertion
-	on time): for a state another process reaches in its own time."""
-	deadline = time.monotonic() + limit
-	while time.monotonic() < deadline:
-		value = predicate()
-		if value:
-			return value
-		time.sleep(0.1)
-	raise AssertionError(f"never happened: {what}")
+# the engine tests' wait, at the Frappe tier's pace: its states come from processes that take seconds
+wait_for = functools.partial(cluster.wait_for, within=120.0, every=0.1)
 
 
 def site_config_path(site: str) -> Path:
@@ -219,9 +212,8 @@ class Gunicorn:
 		i = 0
 		while not pids <= set(seen):
 			assert time.monotonic() < deadline, f"status reached {sorted(seen)} of workers {sorted(pids)}"
-			code, body = self.request("/api/method/frappe_pgpool.api.status", sites[i % len(sites)], token)
-			assert code == 200, body
-			seen[body["message"]["process_id"]] = body["message"]
+			answer = status(self, sites[i % len(sites)], token)
+			seen[answer["process_id"]] = answer
 			i += 1
 		return seen
 
@@ -229,6 +221,13 @@ class Gunicorn:
 		"""Run (path, site, token[, data]) calls with `concurrency` clients; results in call order."""
 		with ThreadPoolExecutor(concurrency) as pool:
 			return list(pool.map(lambda call: self.request(*call), calls))
+
+
+def status(web: Gunicorn, site: str, token: str) -> dict:
+	"""frappe_pgpool's status as the worker that took the request reports it (System Manager's token)."""
+	code, body = web.request("/api/method/frappe_pgpool.api.status", site, token)
+	assert code == 200, body
+	return body["message"]
 
 
 def failed_write_rolls_back_and_commits_are_seen(web: Gunicorn, site: str, token: str, marker: str) -> None:

@@ -19,6 +19,7 @@ from .e2e import (
 	failed_write_rolls_back_and_commits_are_seen,
 	read_site_config,
 	sites_behind_pgbouncer,
+	status,
 	wait_for,
 	write_site_config,
 )
@@ -54,12 +55,6 @@ def backends(upstream, site: str) -> list[tuple]:
 		"SELECT pid, backend_start FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
 		(db_name(site),),
 	)
-
-
-def status(gunicorn: Gunicorn, site: str, token: str) -> dict:
-	code, body = gunicorn.request("/api/method/frappe_pgpool.api.status", site, token)
-	assert code == 200, body
-	return body["message"]
 
 
 def test_sync_workers_log_in_once_per_worker_and_reuse_backends(env):

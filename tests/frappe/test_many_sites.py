@@ -19,7 +19,7 @@ import pytest
 from frappe_pgpool.testing.sites import make_quick_sites, remove_quick_sites
 
 from .bench import BENCH, SITE, bench_cli, requires_bench, run_in_bench
-from .e2e import Gunicorn
+from .e2e import Gunicorn, status
 from .sites import (
 	Sampler,
 	configs_restored,
@@ -63,12 +63,6 @@ def fleet():
 				bouncer.__exit__(None, None, None)
 	finally:
 		remove_quick_sites(BENCH, ALL)
-
-
-def status(web: Gunicorn, site: str, token: str) -> dict:
-	code, body = web.request("/api/method/frappe_pgpool.api.status", site, token)
-	assert code == 200, body
-	return body["message"]
 
 
 def test_quick_sites_are_separate_sites_and_shared_ones_share_a_database(fleet):

@@ -17,9 +17,10 @@ from .e2e import (
 	failed_write_rolls_back_and_commits_are_seen,
 	read_site_config,
 	sites_behind_pgbouncer,
+	status,
 	write_site_config,
 )
-from .test_e2e import TOKEN_SCRIPT, status
+from .test_e2e import TOKEN_SCRIPT
 
 pytestmark = [pytest.mark.frappe, requires_bench]
 

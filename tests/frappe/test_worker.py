@@ -422,7 +422,7 @@ def test_a_worker_killed_mid_job_loses_nothing_silently_as_the_forking_worker(en
 			proc.wait()
 		os.unlink(marker)
 		# the backend ends (at the latest when its pg_sleep returns to a closed socket) and rolls back
-		wait_for(partial(_gone, upstream, backend), "the killed job's backend is gone", limit=240)
+		wait_for(partial(_gone, upstream, backend), "the killed job's backend is gone", within=240)
 		assert count_todos(upstream, SITE, tag) == 0
 		assert not [s for s in sessions(upstream, SITE) if s[1] == "idle in transaction"]
 		status, expiry = run_in_bench(STARTED.format(queue=QUEUE, job_id=job_id))
